@@ -1,0 +1,25 @@
+"""Vanilla: the shared backbone alone.
+
+Its size ladder (``--size pico ... 2.8b``, models/config.py) gives the "bigger model at equal
+inference FLOPs" points every adaptive method must beat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.registry import register
+from models.base import LanguageModel
+from models.config import ModelConfig
+
+
+@dataclass
+class VanillaConfig(ModelConfig):
+    summary = "the LLaMA-style backbone alone: one pass per token"
+
+
+@register("vanilla")
+class Vanilla(LanguageModel):
+    """The LLaMA-style backbone alone: one pass of L blocks per token."""
+
+    Config = VanillaConfig

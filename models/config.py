@@ -1,0 +1,186 @@
+"""Typed, validated configuration for the shared decoder backbone and every method built on it.
+
+A method's config is a dataclass that subclasses :class:`ModelConfig` and adds only its own fields.
+Validation lives in ``__post_init__`` and raises :class:`ConfigError` naming the field and the fix,
+so a bad ``--set key=value`` fails before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field and what would be valid."""
+
+
+@dataclass(frozen=True)
+class Size:
+    """One rung of the size ladder: only the backbone's shape, never the vocabulary."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+
+    def as_overrides(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def _swiglu_width(d_model: int, multiple: int = 64) -> int:
+    """SwiGLU width whose 3 matrices hold as many weights as a 4d GELU MLP (LLaMA's 8/3 rule)."""
+    return multiple * math.ceil(8 * d_model / 3 / multiple)
+
+
+# CPU rungs keep non-embedding parameters well under 1M so a 2-core machine trains them in minutes;
+# the Pythia rungs copy Pythia's width, depth and heads (LLaMA-style MLP of equal parameter count).
+SIZES: dict[str, Size] = {
+    "pico": Size(d_model=32, n_layers=2, n_heads=2, d_ff=96),
+    "nano": Size(d_model=64, n_layers=2, n_heads=4, d_ff=176),
+    "micro": Size(d_model=96, n_layers=3, n_heads=4, d_ff=256),
+    "tiny": Size(d_model=128, n_layers=4, n_heads=4, d_ff=352),
+    "70m": Size(d_model=512, n_layers=6, n_heads=8, d_ff=_swiglu_width(512)),
+    "160m": Size(d_model=768, n_layers=12, n_heads=12, d_ff=_swiglu_width(768)),
+    "410m": Size(d_model=1024, n_layers=24, n_heads=16, d_ff=_swiglu_width(1024)),
+    "1b": Size(d_model=2048, n_layers=16, n_heads=8, d_ff=_swiglu_width(2048)),
+    "1.4b": Size(d_model=2048, n_layers=24, n_heads=16, d_ff=_swiglu_width(2048)),
+    "2.8b": Size(d_model=2560, n_layers=32, n_heads=32, d_ff=_swiglu_width(2560)),
+}
+CPU_SIZES = ("pico", "nano", "micro", "tiny")
+PYTHIA_SIZES = ("70m", "160m", "410m", "1b", "1.4b", "2.8b")
+
+
+@dataclass
+class ModelConfig:
+    """The LLaMA-style backbone shared by every method (RMSNorm, RoPE, SwiGLU, untied embeddings)."""
+
+    vocab_size: int = 8192
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None = n_heads (multi-head); fewer = grouped-query attention
+    d_ff: int = 176
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 256
+    # PonderLM-2's reference init: token embeddings scaled by sqrt(2.5 d) and weights ~ N(0, 2/(5d)),
+    # output projections further / sqrt(2L). Embeddings then have unit RMS, like the post-norm hidden
+    # states fed back as latent thoughts. On for every method so they share one init (DESIGN.md 5);
+    # off = plain LLaMA (std init_std, unscaled embeddings), which is what transformers computes.
+    ponder_init: bool = True
+    init_std: float = 0.02  # used when ponder_init is off
+
+    #: one-line description shown by ``python -m harness list``; set by each method's config.
+    summary: ClassVar[str] = "LLaMA-style decoder backbone"
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            _require(self, name, getattr(self, name) > 0, "must be a positive integer")
+        _require(self, "n_heads", self.d_model % self.n_heads == 0,
+                 f"must divide d_model={self.d_model}")
+        _require(self, "n_heads", (self.d_model // self.n_heads) % 2 == 0,
+                 f"must leave an even head dimension for RoPE (d_model/n_heads={self.d_model / self.n_heads:g})")
+        _require(self, "n_kv_heads", self.n_heads % self.n_kv_heads == 0,
+                 f"must divide n_heads={self.n_heads}")
+        _require(self, "rope_theta", self.rope_theta > 0, "must be positive")
+        _require(self, "norm_eps", self.norm_eps > 0, "must be positive")
+        _require(self, "init_std", self.init_std > 0, "must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(2.5 * self.d_model) if self.ponder_init else 1.0
+
+    # -- construction helpers -------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        """Build from plain values (JSON, CLI); unknown keys are an error naming the valid ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: coerce(cls, k, hints[k], v) for k, v in values.items()})
+
+    @classmethod
+    def for_size(cls, size: str, **overrides: Any) -> "ModelConfig":
+        if size not in SIZES:
+            raise ConfigError(f"size: unknown size {size!r}; choose one of {', '.join(SIZES)}")
+        return cls.from_dict({**SIZES[size].as_overrides(), **overrides})
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def describe_fields(cls) -> dict[str, dict[str, Any]]:
+        """Field name -> {type, default} for ``harness list``."""
+        hints = typing.get_type_hints(cls)
+        out = {}
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            out[f.name] = {"type": _type_name(hints[f.name]), "default": default}
+        return out
+
+
+def _require(cfg: Any, name: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{type(cfg).__name__}.{name}={getattr(cfg, name)!r}: {message}")
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def coerce(cls: type, name: str, tp: Any, value: Any) -> Any:
+    """Turn a CLI string (or JSON value) into the field's declared type, or raise ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(cls, name, inner[0], value)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(coerce(cls, name, args[0], v) for v in items)
+    if not isinstance(value, str):
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if tp in (int, float, bool, str) and not isinstance(value, tp):
+            raise ConfigError(f"{cls.__name__}.{name}: expected {tp.__name__}, got {value!r}")
+        return value
+    try:
+        if tp is bool:
+            lowered = value.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            return int(float(value)) if "e" in value.lower() else int(value)
+        if tp in (float, str):
+            return tp(value)
+    except ValueError:
+        raise ConfigError(f"{cls.__name__}.{name}: expected {_type_name(tp)}, got {value!r}") from None
+    raise ConfigError(f"{cls.__name__}.{name}: cannot parse {value!r} as {_type_name(tp)}")
+
+
+__all__ = ["ConfigError", "ModelConfig", "SIZES", "CPU_SIZES", "PYTHIA_SIZES", "Size", "coerce", "field"]
