@@ -55,6 +55,7 @@ class LedgerTotals:
     head_flops: float = 0.0
     matmul_flops: float = 0.0  # weight matmuls only (blocks + head): what FLOP counters compare to
     attention_flops: float = 0.0
+    other_flops: float = 0.0  # matmuls outside blocks and head (e.g. PonderLM-1's embedding mixture)
     block_queries: float = 0.0  # positions processed by blocks, summed over blocks
     key_pairs: float = 0.0
     head_positions: float = 0.0
@@ -82,16 +83,18 @@ class ComputeLedger:
         _stack().remove(self)
 
     def add(self, *, matmul: float, attention: float, queries: float, key_pairs: float,
-            head_positions: float = 0.0, is_head: bool = False) -> None:
+            head_positions: float = 0.0, kind: str = "block") -> None:
         total = matmul + attention
         t = self.totals
         t.forward_flops += total
         t.train_flops += total * (BACKWARD_MULTIPLIER if torch.is_grad_enabled() else 1)
         t.matmul_flops += matmul
         t.attention_flops += attention
-        if is_head:
+        if kind == "head":
             t.head_flops += total
             t.head_positions += head_positions
+        elif kind == "other":
+            t.other_flops += total
         else:
             t.block_flops += total
             t.block_queries += queries
@@ -136,7 +139,13 @@ def record_head(d_model: int, vocab_size: int, positions: float) -> None:
     flops = head_flops(d_model, vocab_size, positions)
     for ledger in stack:
         ledger.add(matmul=flops, attention=0.0, queries=0.0, key_pairs=0.0,
-                   head_positions=positions, is_head=True)
+                   head_positions=positions, kind="head")
+
+
+def record_matmul(flops: float) -> None:
+    """Matmul work outside blocks and head that a method really executes (counted as matmul FLOPs)."""
+    for ledger in _stack():
+        ledger.add(matmul=float(flops), attention=0.0, queries=0.0, key_pairs=0.0, kind="other")
 
 
 def record_tokens(n: float) -> None:
@@ -157,6 +166,6 @@ def as_count(x: torch.Tensor | int | float) -> float:
 
 __all__ = [
     "BACKWARD_MULTIPLIER", "ComputeLedger", "LedgerTotals", "active", "as_count", "block_flops",
-    "block_matmul_params", "causal_key_pairs", "head_flops", "measure", "record_block", "record_head",
+    "block_matmul_params", "causal_key_pairs", "head_flops", "measure", "record_block", "record_head", "record_matmul",
     "record_tokens",
 ]

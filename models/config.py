@@ -66,7 +66,6 @@ class ModelConfig:
     d_ff: int = 176
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    max_seq_len: int = 256
     # PonderLM-2's reference init: token embeddings scaled by sqrt(2.5 d) and weights ~ N(0, 2/(5d)),
     # output projections further / sqrt(2L). Embeddings then have unit RMS, like the post-norm hidden
     # states fed back as latent thoughts. On for every method so they share one init (DESIGN.md 5);
@@ -80,17 +79,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
-            _require(self, name, getattr(self, name) > 0, "must be a positive integer")
-        _require(self, "n_heads", self.d_model % self.n_heads == 0,
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+            require(self, name, getattr(self, name) > 0, "must be a positive integer")
+        require(self, "n_heads", self.d_model % self.n_heads == 0,
                  f"must divide d_model={self.d_model}")
-        _require(self, "n_heads", (self.d_model // self.n_heads) % 2 == 0,
+        require(self, "n_heads", (self.d_model // self.n_heads) % 2 == 0,
                  f"must leave an even head dimension for RoPE (d_model/n_heads={self.d_model / self.n_heads:g})")
-        _require(self, "n_kv_heads", self.n_heads % self.n_kv_heads == 0,
+        require(self, "n_kv_heads", self.n_heads % self.n_kv_heads == 0,
                  f"must divide n_heads={self.n_heads}")
-        _require(self, "rope_theta", self.rope_theta > 0, "must be positive")
-        _require(self, "norm_eps", self.norm_eps > 0, "must be positive")
-        _require(self, "init_std", self.init_std > 0, "must be positive")
+        require(self, "rope_theta", self.rope_theta > 0, "must be positive")
+        require(self, "norm_eps", self.norm_eps > 0, "must be positive")
+        require(self, "init_std", self.init_std > 0, "must be positive")
 
     @property
     def head_dim(self) -> int:
@@ -137,9 +136,13 @@ class ModelConfig:
         return out
 
 
-def _require(cfg: Any, name: str, ok: bool, message: str) -> None:
+def require(cfg: Any, name: str, ok: bool, message: str) -> None:
+    """Validation helper for config ``__post_init__``: raise ConfigError naming the field unless ok."""
     if not ok:
         raise ConfigError(f"{type(cfg).__name__}.{name}={getattr(cfg, name)!r}: {message}")
+
+
+_require = require  # old name
 
 
 def _type_name(tp: Any) -> str:
@@ -183,4 +186,4 @@ def coerce(cls: type, name: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"{cls.__name__}.{name}: cannot parse {value!r} as {_type_name(tp)}")
 
 
-__all__ = ["ConfigError", "ModelConfig", "SIZES", "CPU_SIZES", "PYTHIA_SIZES", "Size", "coerce", "field"]
+__all__ = ["ConfigError", "ModelConfig", "SIZES", "CPU_SIZES", "PYTHIA_SIZES", "Size", "coerce", "field", "require"]

@@ -1,0 +1,310 @@
+"""Gated adaptive depth in the AdaPonderLM style (Song et al. 2026, arXiv 2603.01914).
+
+Published: iterated pondering passes with an iteration-specific MLP gate after each pass, a monotone
+halting mask (a halted token never resumes), KV reuse (a halted token's keys and values stay visible
+to later iterations, so it needs no more compute) and a compute penalty that trains the gates. The
+rest is not public; every choice below is decided here.
+
+Iterations. Iteration i = 1..N (config ``max_iterations`` N) is one full pass of the L-block stack,
+fed PonderLM's way (Zeng et al. 2025; same rule as ``baselines/pondering.py``):
+E^1 = s e(x_t) and E^{i+1} = E^i + softmax(logits^i) V, where V is the input-embedding matrix times
+the backbone's ``embed_scale`` and s = N-1 with ``ponder_scale_token`` (the PonderLM reference's
+token-embedding multiplier; s = 1 when N = 1 or when off). N = 1 is exactly the backbone, and a model
+whose gates never fire equals PonderLM v1 with N-1 pondering steps and the same weights.
+
+Gate. After iteration i < N the gate g_i (its own MLP per iteration: Linear(d, ``gate_hidden``) ->
+SiLU -> Linear(gate_hidden, 1) -> sigmoid) reads the token's final-norm hidden state (the vector the
+LM head reads) and outputs a halting probability q_i. Weights ~ N(0, 2/(5 fan_in)); the output bias
+starts at ``gate_init_bias`` (-2: q ~ 0.12, so training starts near full depth, like PonderLM, and the
+penalty teaches halting). There is no gate after iteration N: every token stops there.
+
+Inference (``decode``/``score``), hard and causal (the gate sees only the token's own state):
+continue_1 = 1, continue_{i+1} = continue_i * [q_i < ``halt_threshold``] (0.5). A token's prediction
+is the logits of the iteration where it halted. In iteration i only continuing tokens are queries
+(gathered, so halted tokens cost nothing); every real token is a key: a halted token's K/V from its
+last iteration are copied into the later iterations' caches (one KV cache per iteration).
+
+Training (``forward``), a differentiable relaxation of the same computation, dense over all N
+iterations (every token runs every pass, so training FLOPs are fixed: N passes, N heads, N-1
+pondering mixtures, all with gradients):
+
+* c_1 = 1, c_{i+1} = c_i (1 - q_i) is the probability of reaching iteration i; the halting
+  distribution is w_i = c_i q_i (i < N), w_N = c_N (it sums to 1);
+* soft KV reuse: in iteration i every token's keys/values are the expectation of what inference would
+  present, K~_i = sum_{j<i} w_j K_j + c_i K_i (same for V), K_j being its own iteration-j keys;
+* the LM loss is the expected loss over the halting distribution, sum_i w_i CE_i (PonderNet-style);
+  ``lm_loss`` is this expectation;
+* the compute penalty is ``compute_penalty`` x the mean over tokens of the expected extra iterations
+  E[iterations] - 1 = sum_{i>=2} c_i (the "- 1" only removes a constant, so N = 1 is exactly the
+  backbone's loss; the gradients are those of a penalty on E[iterations]).
+
+With q in {0, 1} every line above is exactly the inference computation (hard mask, KV reuse, the
+halting iteration's logits); for soft q, gradients reach the gates through the loss weights, the KV
+mixture and the penalty. ``forward`` computes the same relaxation in train and eval mode (its eval
+``lm_loss`` is the parallel loss of the train/inference gap); stat ``threshold_extra_steps`` is the
+depth the hard rule would pick on the training pass's states.
+
+Compute (ledger and :meth:`analytic_flops_for_depths`): per iteration, L blocks over the tokens still
+running (queries) that see every real earlier key (halted ones included), a head over them, and a
+pondering mixture (a [V] x [V, d] matmul, recorded through ``compute.record_head`` as the ledger has
+no other entry for it) for those that go on. Gates (~2 d gate_hidden FLOPs) are not counted, like
+norms. Padding is neither a key, a query, nor a head position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baselines.mor import compact
+from harness import compute
+from harness.registry import register
+from models.backbone import AttentionPlan, Block, KVCache
+from models.base import IGNORE_INDEX, DecodeOutput, LanguageModel, TrainOutput
+from models.config import ModelConfig, _require
+
+
+@dataclass
+class AdaPonderConfig(ModelConfig):
+    summary = "AdaPonderLM-style gated pondering: per-iteration MLP gates halt tokens, KV reused"
+
+    max_iterations: int = 3  # N pondering passes at most; 1 = the backbone
+    compute_penalty: float = 0.01  # lambda x E[extra iterations per token] added to the loss
+    halt_threshold: float = 0.5  # inference: halt after iteration i once q_i >= this
+    gate_hidden: int = 64  # width of each iteration's gate MLP
+    gate_init_bias: float = -2.0  # initial gate output bias (sigmoid(-2) ~ 0.12: start near full depth)
+    ponder_scale_token: bool = True  # PonderLM reference: token embedding x (N-1) when N > 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self, "max_iterations", isinstance(self.max_iterations, int) and self.max_iterations >= 1,
+                 "must be an integer >= 1 (1 = the plain backbone)")
+        _require(self, "compute_penalty", self.compute_penalty >= 0, "must be non-negative")
+        _require(self, "halt_threshold", 0.0 < self.halt_threshold < 1.0, "must be in (0, 1)")
+        _require(self, "gate_hidden", isinstance(self.gate_hidden, int) and self.gate_hidden > 0,
+                 "must be a positive integer")
+
+    @property
+    def token_scale(self) -> float:
+        return float(self.max_iterations - 1) if self.ponder_scale_token and self.max_iterations > 1 else 1.0
+
+
+@dataclass
+class AdaPonderCache:
+    """One KV cache per iteration; every cache holds every token (halted ones with reused K/V)."""
+
+    iterations: list[KVCache]
+
+
+def attention_block(block: Block, x: torch.Tensor, plan: AttentionPlan,
+                    keys_values: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                    ) -> torch.Tensor:
+    """``Block.forward`` with custom K/V handling: ``keys_values(k, v)`` returns the keys/values to attend.
+
+    Records the plan's queries and key pairs, as ``Block.forward`` does.
+    """
+    compute.record_block(block.matmul_params, block.attn_width, plan.queries, plan.key_pairs)
+    attn = block.self_attn
+    q, k, v = attn.project(block.input_layernorm(x), plan)
+    k, v = keys_values(k, v)
+    x = x + attn.attend(q, k, v, plan)
+    return x + block.mlp(block.post_attention_layernorm(x))
+
+
+@register("adaponder")
+class AdaPonder(LanguageModel):
+    """AdaPonderLM-style gated pondering: per-iteration MLP gates, monotone halting, KV reuse."""
+
+    Config = AdaPonderConfig
+
+    def __init__(self, config: AdaPonderConfig):
+        super().__init__(config)
+        c = config
+        self.gates = nn.ModuleList(
+            nn.Sequential(nn.Linear(c.d_model, c.gate_hidden), nn.SiLU(), nn.Linear(c.gate_hidden, 1))
+            for _ in range(c.max_iterations - 1))
+        for gate in self.gates:
+            for linear in (gate[0], gate[2]):
+                nn.init.normal_(linear.weight, 0.0, (2.0 / (5.0 * linear.in_features)) ** 0.5)
+                nn.init.zeros_(linear.bias)
+            nn.init.constant_(gate[2].bias, c.gate_init_bias)
+
+    def halting_probability(self, iteration: int, h: torch.Tensor) -> torch.Tensor:
+        """q_i [...] of final-norm states h [..., d] after 0-based ``iteration`` (< N-1)."""
+        return torch.sigmoid(self.gates[iteration](h)[..., 0].float())
+
+    def _pondering_embedding(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits [M, V] -> softmax(logits) V [M, d] (a full-vocabulary mixture, 2 d V FLOPs a row)."""
+        weight = self.decoder.embed_tokens.weight
+        probs = torch.softmax(logits.float(), dim=-1).to(weight.dtype)
+        compute.record_head(self.config.d_model, self.config.vocab_size, probs.shape[0])
+        return (probs @ weight) * self.config.embed_scale
+
+    def _first_input(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.decoder.embed(input_ids)
+        return x * self.config.token_scale if self.config.token_scale != 1.0 else x
+
+    # -- training: the soft relaxation ------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> TrainOutput:
+        cfg, dec = self.config, self.decoder
+        b, t = input_ids.shape
+        n_iter = cfg.max_iterations
+        plan = dec.plan(torch.arange(t, device=input_ids.device).expand(b, t))
+        real = targets != IGNORE_INDEX
+        n_real = real.sum().clamp_min(1)
+        x_in = self._first_input(input_ids)
+        reach = torch.ones(b, t, device=input_ids.device)  # c_i
+        halted_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * cfg.n_layers  # sum_{j<i} w_j K_j
+        expected_loss = torch.zeros(b, t, device=input_ids.device)
+        expected_iters = torch.zeros(b, t, device=input_ids.device)
+        alive = torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
+        hard_depth = torch.ones(b, t, device=input_ids.device)
+        for i in range(n_iter):
+            own_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+            def soft_reuse(k: torch.Tensor, v: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+                own_kv.append((k, v))
+                if halted_kv[layer] is None:  # iteration 1: c_1 = 1, nothing halted yet
+                    return k, v
+                c = reach[:, None, :, None].to(k.dtype)
+                return halted_kv[layer][0] + c * k, halted_kv[layer][1] + c * v
+
+            x = x_in
+            for layer, block in enumerate(dec.layers):
+                x = attention_block(block, x, plan, lambda k, v, layer=layer: soft_reuse(k, v, layer))
+            h = dec.norm(x)
+            logits = dec.head(h)
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="none").view(b, t)
+            expected_iters = expected_iters + reach
+            if i == n_iter - 1:
+                expected_loss = expected_loss + reach * ce
+                break
+            q = self.halting_probability(i, h)
+            halt = reach * q  # w_i
+            expected_loss = expected_loss + halt * ce
+            for layer, (k, v) in enumerate(own_kv):
+                w = halt[:, None, :, None].to(k.dtype)
+                prev = halted_kv[layer]
+                halted_kv[layer] = (w * k, w * v) if prev is None else (prev[0] + w * k, prev[1] + w * v)
+            reach = reach - halt  # c_{i+1} = c_i (1 - q_i)
+            alive = alive & (q < cfg.halt_threshold)
+            hard_depth = hard_depth + alive.float()
+            x_in = x_in + self._pondering_embedding(logits.flatten(0, 1)).view_as(x_in)
+        lm_loss = (expected_loss * real).sum() / n_real
+        mean_iters = (expected_iters * real).sum() / n_real
+        penalty = cfg.compute_penalty * (mean_iters - 1.0)
+        stats = {"mean_extra_steps": float(mean_iters.detach()) - 1.0, "compute_penalty": float(penalty.detach()),
+                 "threshold_extra_steps": float((hard_depth * real).sum() / n_real) - 1.0}
+        return TrainOutput(loss=lm_loss + penalty, lm_loss=lm_loss, stats=stats)
+
+    # -- deployed inference: hard halting, gathered queries, reused KV ----------------------------
+
+    def new_cache(self, batch_size: int) -> AdaPonderCache:
+        return AdaPonderCache([self.decoder.new_cache(batch_size) for _ in range(self.config.max_iterations)])
+
+    def _cached_iteration(self, x_in: torch.Tensor, positions: torch.Tensor, running: torch.Tensor,
+                          prev: KVCache, cur: KVCache, valid: torch.Tensor | None) -> torch.Tensor | None:
+        """One iteration (>= 2) over the new tokens: queries are the ``running`` ones only.
+
+        Every new token gets a slot in ``cur``; running tokens write their fresh K/V there, halted ones
+        a copy of their K/V from ``prev`` (the previous iteration's cache, which already holds their
+        last computed K/V). Returns the new states [B, n, d] (meaningful where ``running``) or None.
+        """
+        dec, n = self.decoder, x_in.shape[1]
+        start = cur.allocate(n, key_valid=valid)
+        old = [(prev.keys[layer][:, :, start:start + n], prev.values[layer][:, :, start:start + n])
+               for layer in range(self.config.n_layers)]
+        index, ok = compact(running)
+        if index.shape[1] == 0:  # nobody runs: only the KV reuse
+            for layer, (k, v) in enumerate(old):
+                cur.write(layer, start, k, v)
+            return None
+        total = cur.length
+        own_slot = start + index  # [B, m]
+        allowed = (torch.arange(total, device=index.device)[None, None, :] <= own_slot[..., None])
+        allowed = allowed & cur.key_valid[:, None, :total] & ok[..., None]
+        mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
+        cos, sin = dec.rotary(positions.gather(1, index))
+        plan = AttentionPlan(cos, sin, mask, False, compute.as_count(ok), compute.as_count(allowed))
+
+        def reuse(k: torch.Tensor, v: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+            at = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+            keep = ok[:, None, :, None]
+            old_k, old_v = old[layer]
+            new_k = old_k.scatter(2, at, torch.where(keep, k, old_k.gather(2, at)))
+            new_v = old_v.scatter(2, at, torch.where(keep, v, old_v.gather(2, at)))
+            return cur.write(layer, start, new_k, new_v)
+
+        at = index[..., None].expand(-1, -1, x_in.shape[-1])
+        x = x_in.gather(1, at)
+        for layer, block in enumerate(dec.layers):
+            x = attention_block(block, x, plan, lambda k, v, layer=layer: reuse(k, v, layer))
+        return torch.zeros_like(x_in).scatter(1, at, x)
+
+    def decode(self, input_ids: torch.Tensor, cache: AdaPonderCache, valid: torch.Tensor | None = None
+               ) -> DecodeOutput:
+        cfg, dec = self.config, self.decoder
+        b, n = input_ids.shape
+        caches = cache.iterations
+        start = caches[0].length
+        positions = torch.arange(start, start + n, device=input_ids.device).expand(b, n)
+        running = torch.ones(b, n, dtype=torch.bool, device=input_ids.device) if valid is None else valid.clone()
+        x_in = self._first_input(input_ids)
+        h = dec.run_blocks(x_in, dec.plan(positions, cache=caches[0], key_valid=valid))  # iteration 1
+        logits_out = h.new_zeros(b, n, cfg.vocab_size)
+        depth = torch.zeros(b, n, dtype=torch.long, device=input_ids.device)
+        for i in range(cfg.max_iterations):
+            if i > 0:
+                h = self._cached_iteration(x_in, positions, running, caches[i - 1], caches[i], valid)
+                if h is None:
+                    continue  # later caches still need the reused K/V of these tokens
+            states = dec.norm(h[running])
+            logits = dec.head(states)
+            depth = depth + running.long()
+            if i == cfg.max_iterations - 1:
+                halt = torch.ones(states.shape[0], dtype=torch.bool, device=states.device)
+            else:
+                halt = self.halting_probability(i, states) >= cfg.halt_threshold
+            chosen = logits_out[running]
+            chosen[halt] = logits[halt].to(chosen.dtype)
+            logits_out[running] = chosen
+            going_on = running.clone()
+            going_on[running] = ~halt
+            if i < cfg.max_iterations - 1 and bool(going_on.any()):
+                ponder = torch.zeros_like(x_in)
+                ponder[going_on] = self._pondering_embedding(logits[~halt]).to(x_in.dtype)
+                x_in = x_in + ponder
+            running = going_on
+        return DecodeOutput(logits_out, (depth - 1).clamp_min(0))
+
+    # -- compute ----------------------------------------------------------------------------------
+
+    def analytic_flops_for_depths(self, depths: torch.Tensor) -> float:
+        """Forward FLOPs of deployed inference for rows whose tokens ran ``depths`` [B, T] iterations.
+
+        depth 0 marks padding. In iteration i the tokens with depth >= i are queries; every real
+        token at or before a query is its key (halted ones through KV reuse).
+        """
+        cfg, dec = self.config, self.decoder
+        d = depths.reshape(-1, depths.shape[-1])
+        real = d > 0
+        seen = real.long().cumsum(1)
+        total = 0.0
+        for i in range(1, cfg.max_iterations + 1):
+            running = (d >= i) & real
+            queries = float(running.sum())
+            total += cfg.n_layers * compute.block_flops(
+                dec.block_matmul_params, dec.layers[0].attn_width, queries, float((seen * running).sum()))
+            mixtures = queries if i >= 2 else 0.0  # the pondering embedding that fed iteration i
+            total += compute.head_flops(cfg.d_model, cfg.vocab_size, queries + mixtures)
+        return total
+
+    def analytic_flops_per_token(self, seq_len: int, training: bool = False) -> float:
+        """Training runs every iteration densely; inference at most the same (every token N passes)."""
+        return self.analytic_flops_for_depths(torch.full((1, seq_len), self.config.max_iterations)) / seq_len

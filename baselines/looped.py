@@ -1,0 +1,88 @@
+"""Looped transformer: the whole block stack applied K+1 times with shared weights (DESIGN.md section 5).
+
+    h^(0) = embed(x),   h^(k+1) = blocks(h^(k)) for k = 0..K,   logits = head(norm(h^(K+1)))
+
+The residual stream of one loop is the next loop's input unchanged: no norm in between (the final
+norm is applied once, after the last loop) and no re-injection of the input embedding. Decided here:
+the DESIGN describes plain looping, and anything added between loops (input injection, per-loop
+embeddings) would be extra parameters or compute that the other baselines do not get.
+
+Compute: (K+1) x the block FLOPs of a vanilla model of the same shape, plus one head, at 1 x the
+parameters. Every loop attends causally over its own loop's keys, so cached decoding keeps one KV
+stack per loop (``Decoder.new_cache(batch, n_stacks=K+1)``, loop k writing layers k*L .. k*L+L-1)
+and does exactly the attention work of the parallel forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from harness import compute
+from harness.registry import register
+from models.backbone import Decoder, KVCache
+from models.base import DecodeOutput, LanguageModel, TrainOutput, next_token_loss
+from models.config import ModelConfig, require
+
+
+def constant_steps(like: torch.Tensor, steps: int) -> torch.Tensor:
+    """[B, n] extra steps per token for a method whose every token takes the same number."""
+    return torch.full(like.shape[:2], steps, dtype=torch.long, device=like.device)
+
+
+@dataclass
+class LoopedConfig(ModelConfig):
+    summary = "looped transformer: the block stack applied loops+1 times with shared weights"
+
+    loops: int = 1  # K extra applications of the whole stack; 0 = vanilla
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self, "loops", isinstance(self.loops, int) and self.loops >= 0,
+                 "must be a non-negative integer (extra loops; 0 = vanilla)")
+
+
+@register("looped")
+class Looped(LanguageModel):
+    """Looped transformer: the L-block stack applied loops+1 times with shared weights, final norm once."""
+
+    Config = LoopedConfig
+
+    @property
+    def n_passes(self) -> int:
+        return self.config.loops + 1
+
+    def _run(self, input_ids: torch.Tensor, plan) -> torch.Tensor:
+        x = self.decoder.embed(input_ids)
+        n_layers = self.config.n_layers
+        for loop in range(self.n_passes):
+            # cache_layer_offset only matters with a cache: loop k owns cache layers k*L .. k*L+L-1.
+            x = self.decoder.run_blocks(x, plan, cache_layer_offset=loop * n_layers)
+        return self.decoder.norm(x)
+
+    def parallel_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Training-form logits [B, T, V]: all loops over the whole sequence, no cache."""
+        b, t = input_ids.shape
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        return self.decoder.head(self._run(input_ids, self.decoder.plan(positions)))
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> TrainOutput:
+        loss = next_token_loss(self.parallel_logits(input_ids), targets)
+        return TrainOutput(loss=loss, lm_loss=loss, stats={"mean_extra_steps": float(self.config.loops)})
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        return self.decoder.new_cache(batch_size, n_stacks=self.n_passes)
+
+    def decode(self, input_ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> DecodeOutput:
+        b, n = input_ids.shape
+        # one slot per token, shared by every loop's stack: slot index = RoPE position here
+        positions = torch.arange(cache.length, cache.length + n, device=input_ids.device).expand(b, n)
+        plan = self.decoder.plan(positions, cache=cache, key_valid=valid)
+        logits = self.decoder.head(self._run(input_ids, plan), valid)
+        return DecodeOutput(logits, constant_steps(input_ids, self.config.loops))
+
+    def analytic_flops_per_token(self, seq_len: int, training: bool = False) -> float:
+        # (K+1) causal passes of the stack, one head; training and cached inference do the same work.
+        return self.decoder.analytic_forward_flops(
+            seq_len, compute.causal_key_pairs(seq_len), seq_len, n_block_passes=self.n_passes) / seq_len

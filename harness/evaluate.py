@@ -1,0 +1,184 @@
+"""Validation perplexity computed the way each method is deployed, at measured inference FLOPs.
+
+``python -m harness eval DIR [--json] [--tasks arc_easy,piqa,...] [--num-fewshot N] [--limit N]``
+re-evaluates a saved job and updates ``DIR/result.json``.
+
+Perplexity is scored with :meth:`LanguageModel.score` (cached, exact, hard-pruned decoding) over
+non-overlapping validation windows of the training sequence length; every block call during scoring
+goes to a compute ledger, so ``infer_flops_per_token`` is what actually ran, averaged over those
+windows. The parallel (training-form) loss of the same text is reported beside it: their difference
+is the train/inference gap (``jacobi_gap`` and ``consistency_gap`` for the PonderLM family).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from harness import checkpoint, compute
+from harness.checkpoint import CheckpointError, write_json_atomic
+from harness.data import TokenizedCorpus, load_corpus, validation_windows
+
+
+@contextlib.contextmanager
+def config_override(model: torch.nn.Module, **changes: Any) -> Iterator[None]:
+    """Temporarily change fields of ``model.config`` (e.g. prune_threshold=0 for exact decoding)."""
+    old = {k: getattr(model.config, k) for k in changes}
+    for k, v in changes.items():
+        setattr(model.config, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(model.config, k, v)
+
+
+def _batches(windows: torch.Tensor, batch_size: int, device: torch.device):
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i:i + batch_size].to(device)
+        yield batch[:, :-1], batch[:, 1:]
+
+
+@torch.no_grad()
+def deployed_loss(model, windows, batch_size, device, autocast, progress=None, keep_records=False):
+    """Mean NLL under deployed inference, the ledger of what ran, and optional per-token records."""
+    nll_sum, tokens = 0.0, 0
+    records: dict[str, list[np.ndarray]] = {"token": [], "nll": [], "steps": []}
+    with compute.measure() as ledger:
+        for inputs, targets in _batches(windows, batch_size, device):
+            with autocast:
+                out = model.score(inputs, targets)
+            nll = -out.logprobs.double()
+            nll_sum += nll.sum().item()
+            tokens += targets.numel()
+            if keep_records:
+                records["token"].append(targets.flatten().cpu().numpy().astype(np.int32))
+                records["nll"].append(nll.flatten().cpu().numpy().astype(np.float32))
+                steps = out.steps if out.steps is not None else torch.zeros_like(targets)
+                records["steps"].append(steps.flatten().cpu().numpy().astype(np.int16))
+            if progress is not None:
+                progress.update(1)
+    return nll_sum / tokens, ledger.totals, {k: np.concatenate(v) for k, v in records.items() if v}
+
+
+@torch.no_grad()
+def parallel_loss(model, windows, batch_size, device, autocast) -> float:
+    total, tokens = 0.0, 0
+    for inputs, targets in _batches(windows, batch_size, device):
+        with autocast:
+            total += model(inputs, targets).lm_loss.double().item() * targets.numel()
+        tokens += targets.numel()
+    return total / tokens
+
+
+def evaluate_model(model, corpus: TokenizedCorpus, cfg, device: torch.device,
+                   records_path: str | pathlib.Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Perplexity, measured inference FLOPs per token, train/inference gaps and step statistics."""
+    from tqdm.auto import tqdm
+
+    from harness.train import autocast_for
+
+    started = time.time()
+    model.eval()
+    windows = validation_windows(corpus.val, cfg.seq_len, cfg.eval_tokens or None)
+    if len(windows) == 0:
+        raise CheckpointError(f"validation split has {len(corpus.val)} tokens, fewer than one window of "
+                              f"{cfg.seq_len}; use more data or a smaller train.seq_len")
+    autocast = autocast_for(device, cfg.precision)
+    n_batches = math.ceil(len(windows) / cfg.eval_batch_size)
+    with tqdm(total=n_batches, desc="evaluate", unit="batch", disable=not progress) as bar:
+        loss, totals, records = deployed_loss(model, windows, cfg.eval_batch_size, device, autocast, bar,
+                                              keep_records=True)
+    parallel = parallel_loss(model, windows, cfg.eval_batch_size, device, autocast)
+    result: dict[str, Any] = {
+        "val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": int(totals.tokens),
+        "infer_flops_per_token": totals.per_token("forward_flops"),
+        "infer_flops_per_token_analytic_max": model.analytic_flops_per_token(cfg.seq_len),
+        "parallel_val_loss": parallel, "parallel_gap": parallel - loss,
+    }
+    steps = records.get("steps")
+    if steps is not None and getattr(model.config, "latent_steps", None) is not None:
+        result["mean_extra_steps"] = float(steps.mean())
+        result["max_extra_steps"] = int(steps.max())
+        if getattr(model.config, "prune_threshold", 0.0) > 0:
+            # PonderLM-3: the Jacobi fixed point is exact decoding with nothing pruned (tau = 0)
+            with config_override(model, prune_threshold=0.0):
+                exact, _, _ = deployed_loss(model, windows, cfg.eval_batch_size, device, autocast)
+            result["exact_val_loss"] = exact
+            result["jacobi_gap"] = parallel - exact
+            result["consistency_gap"] = parallel - loss
+        else:
+            result["jacobi_gap"] = parallel - loss
+    if records_path is not None and records:
+        np.savez_compressed(records_path, **records)
+    result["eval_seconds"] = time.time() - started
+    model.train()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_job(folder: str | pathlib.Path):
+    """(job, model on CPU, its corpus) of a saved job folder; CheckpointError if anything is off."""
+    from harness.train import Job, make_model
+
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"job folder not found: {folder}")
+    job = Job.from_dict(checkpoint.read_json(folder / "job.json", "job description"))
+    state = checkpoint.load_state(folder / "checkpoint")
+    corpus = load_corpus(job.data)
+    model = make_model(job, corpus.tokenizer.vocab_size)
+    if model.config.to_dict() != state["model_config"]:
+        raise CheckpointError(f"{folder}/checkpoint was written for another model config; retrain the job")
+    checkpoint.load_weights(folder / "checkpoint", model)
+    return job, model, corpus
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", help="a job folder written by `python -m harness train`")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    parser.add_argument("--tasks", default="", help="downstream tasks (lm-eval), comma separated")
+    parser.add_argument("--num-fewshot", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None, help="documents per downstream task")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from harness.train import resolve_device
+
+    folder = pathlib.Path(args.folder)
+    job, model, corpus = load_job(folder)
+    device = resolve_device(job.train.device)
+    model.to(device)
+    result_path = folder / "result.json"
+    result = checkpoint.read_json(result_path, "result") if result_path.exists() else {}
+    result.update(evaluate_model(model, corpus, job.train, device, records_path=folder / "tokens.npz",
+                                 progress=not args.no_progress))
+    if args.tasks:
+        from harness.lm_eval_adapter import evaluate_downstream
+
+        scores = evaluate_downstream(folder, [t for t in args.tasks.split(",") if t],
+                                     num_fewshot=args.num_fewshot, limit=args.limit)
+        result.setdefault("downstream", {}).update(scores)
+    write_json_atomic(result_path, result)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        for key in ("method", "size", "val_loss", "val_ppl", "infer_flops_per_token", "parallel_gap",
+                    "mean_extra_steps", "consistency_gap", "jacobi_gap"):
+            if key in result:
+                print(f"{key:<24} {result[key]}")
+        for task, score in result.get("downstream", {}).items():
+            print(f"{task:<24} {score}")
+    return 0
