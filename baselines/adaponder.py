@@ -54,7 +54,6 @@ norms. Padding is neither a key, a query, nor a head position.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +62,7 @@ from torch import nn
 from baselines.mor import compact
 from harness import compute
 from harness.registry import register
-from models.backbone import AttentionPlan, Block, KVCache
+from models.backbone import KVCache
 from models.base import IGNORE_INDEX, DecodeOutput, LanguageModel, TrainOutput
 from models.config import ModelConfig, _require
 
@@ -98,21 +97,6 @@ class AdaPonderCache:
     """One KV cache per iteration; every cache holds every token (halted ones with reused K/V)."""
 
     iterations: list[KVCache]
-
-
-def attention_block(block: Block, x: torch.Tensor, plan: AttentionPlan,
-                    keys_values: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-                    ) -> torch.Tensor:
-    """``Block.forward`` with custom K/V handling: ``keys_values(k, v)`` returns the keys/values to attend.
-
-    Records the plan's queries and key pairs, as ``Block.forward`` does.
-    """
-    compute.record_block(block.matmul_params, block.attn_width, plan.queries, plan.key_pairs)
-    attn = block.self_attn
-    q, k, v = attn.project(block.input_layernorm(x), plan)
-    k, v = keys_values(k, v)
-    x = x + attn.attend(q, k, v, plan)
-    return x + block.mlp(block.post_attention_layernorm(x))
 
 
 @register("adaponder")
@@ -167,17 +151,15 @@ class AdaPonder(LanguageModel):
         for i in range(n_iter):
             own_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-            def soft_reuse(k: torch.Tensor, v: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+            def soft_reuse(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 own_kv.append((k, v))
                 if halted_kv[layer] is None:  # iteration 1: c_1 = 1, nothing halted yet
                     return k, v
                 c = reach[:, None, :, None].to(k.dtype)
                 return halted_kv[layer][0] + c * k, halted_kv[layer][1] + c * v
 
-            x = x_in
-            for layer, block in enumerate(dec.layers):
-                x = attention_block(block, x, plan, lambda k, v, layer=layer: soft_reuse(k, v, layer))
-            h = dec.norm(x)
+            plan.kv_hook = soft_reuse
+            h = dec.norm(dec.run_blocks(x_in, plan))
             logits = dec.head(h)
             ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                                  reduction="none").view(b, t)
@@ -228,12 +210,10 @@ class AdaPonder(LanguageModel):
         total = cur.length
         own_slot = start + index  # [B, m]
         allowed = (torch.arange(total, device=index.device)[None, None, :] <= own_slot[..., None])
-        allowed = allowed & cur.key_valid[:, None, :total] & ok[..., None]
-        mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
-        cos, sin = dec.rotary(positions.gather(1, index))
-        plan = AttentionPlan(cos, sin, mask, False, compute.as_count(ok), compute.as_count(allowed))
+        plan = dec.plan(positions.gather(1, index), allowed=allowed, key_valid=cur.key_valid[:, :total],
+                        query_valid=ok)
 
-        def reuse(k: torch.Tensor, v: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def reuse(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             at = index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
             keep = ok[:, None, :, None]
             old_k, old_v = old[layer]
@@ -242,9 +222,8 @@ class AdaPonder(LanguageModel):
             return cur.write(layer, start, new_k, new_v)
 
         at = index[..., None].expand(-1, -1, x_in.shape[-1])
-        x = x_in.gather(1, at)
-        for layer, block in enumerate(dec.layers):
-            x = attention_block(block, x, plan, lambda k, v, layer=layer: reuse(k, v, layer))
+        plan.kv_hook = reuse
+        x = dec.run_blocks(x_in.gather(1, at), plan)
         return torch.zeros_like(x_in).scatter(1, at, x)
 
     def decode(self, input_ids: torch.Tensor, cache: AdaPonderCache, valid: torch.Tensor | None = None

@@ -21,7 +21,7 @@ import torch
 
 from harness import compute
 from harness.registry import register
-from models.backbone import Decoder, KVCache
+from models.backbone import KVCache
 from models.base import DecodeOutput, LanguageModel, TrainOutput, next_token_loss
 from models.config import ModelConfig, require
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,9 @@ class AttentionPlan:
     key_pairs: float  # visible (query, key) pairs over valid queries
     cache: KVCache | None = None
     cache_start: int = 0
+    # Optional (layer, k, v) -> (k, v) replacing the cache write: for methods whose keys are not just
+    # "the new slots appended" (AdaPonder reuses halted tokens' K/V from an earlier iteration).
+    kv_hook: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     _cast: dict = field(default_factory=dict)
 
     def mask_as(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -171,7 +175,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan, layer: int) -> torch.Tensor:
         q, k, v = self.project(x, plan)
-        if plan.cache is not None:
+        if plan.kv_hook is not None:
+            k, v = plan.kv_hook(layer, k, v)
+        elif plan.cache is not None:
             k, v = plan.cache.write(layer, plan.cache_start, k, v)
         return self.attend(q, k, v, plan)
 
@@ -256,13 +262,15 @@ class Decoder(nn.Module):
 
     def plan(self, positions: torch.Tensor, *, cache: KVCache | None = None,
              key_bias: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
-             allowed: torch.Tensor | None = None) -> AttentionPlan:
+             allowed: torch.Tensor | None = None, query_valid: torch.Tensor | None = None) -> AttentionPlan:
         """Attention plan for n new slots at RoPE ``positions`` [B, n] (or [n]).
 
         Keys are the cached slots plus the new ones; query i sees keys up to its own slot (causal in
         slot order) that are valid, with ``key_bias`` [B, n] added toward the new keys (the cache keeps
         the bias of older keys). ``allowed`` [B, n, S] replaces slot-order causality by an explicit
-        visibility pattern, for methods whose keys are not simply "everything before me".
+        visibility pattern, for methods whose keys are not simply "everything before me"; without a
+        cache, ``key_bias``/``key_valid`` then describe its S keys. ``query_valid`` [B, n] marks the
+        queries that count (default: the new slots that are valid keys).
         """
         if positions.dim() == 1:
             if cache is None:  # the batch size would be unknown and the ledger would undercount
@@ -275,10 +283,11 @@ class Decoder(nn.Module):
         start = 0
         if cache is not None:
             start = cache.allocate(n, key_bias, key_valid)
-        queries_valid = key_valid  # a slot that is not a key is not a real query either
-        n_queries = float(b * n) if queries_valid is None else compute.as_count(queries_valid)
+        if query_valid is None and key_valid is not None and key_valid.shape[1] == n:
+            query_valid = key_valid  # a new slot that is not a key is not a real query either
+        n_queries = float(b * n) if query_valid is None else compute.as_count(query_valid)
 
-        plain = key_bias is None and key_valid is None and allowed is None
+        plain = key_bias is None and key_valid is None and allowed is None and query_valid is None
         if plain and (cache is None or not cache.has_bias):
             if start == 0:  # causal over the new slots only
                 return AttentionPlan(cos, sin, None, n > 1, n_queries, float(b * compute.causal_key_pairs(n)),
@@ -294,11 +303,12 @@ class Decoder(nn.Module):
         if cache is not None:
             bias, valid = cache.key_bias[:, :total], cache.key_valid[:, :total]
         else:
-            bias = key_bias if key_bias is not None else torch.zeros(b, n, device=positions.device)
-            valid = key_valid if key_valid is not None else torch.ones(b, n, dtype=torch.bool,
+            n_keys = allowed.shape[-1]
+            bias = key_bias if key_bias is not None else torch.zeros(b, n_keys, device=positions.device)
+            valid = key_valid if key_valid is not None else torch.ones(b, n_keys, dtype=torch.bool,
                                                                        device=positions.device)
         allowed = allowed & valid[:, None, :]
-        counted = allowed if queries_valid is None else allowed & queries_valid[:, :, None]
+        counted = allowed if query_valid is None else allowed & query_valid[:, :, None]
         key_pairs = compute.as_count(counted)
         # finfo.min, not -inf: a fully masked row (a padding query) then stays finite instead of NaN.
         floor = torch.finfo(torch.float32).min

@@ -36,7 +36,7 @@ class WideHead(LanguageModel):
         x = d.embed(input_ids)
         plan = d.plan(positions.expand(input_ids.shape[0], -1), cache=cache, key_valid=valid)
         h = d.norm(d.run_blocks(x, plan)) + self.config.embed_mix * d.norm(x)
-        return d.head(h)
+        return d.head(h, valid)
 
     def forward(self, input_ids, targets):
         loss = next_token_loss(self._logits(input_ids), targets)
