@@ -64,7 +64,7 @@ from harness import compute
 from harness.registry import register
 from models.backbone import KVCache
 from models.base import IGNORE_INDEX, DecodeOutput, LanguageModel, TrainOutput
-from models.config import ModelConfig, _require
+from models.config import ModelConfig, require
 
 
 @dataclass
@@ -80,11 +80,11 @@ class AdaPonderConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self, "max_iterations", isinstance(self.max_iterations, int) and self.max_iterations >= 1,
+        require(self, "max_iterations", isinstance(self.max_iterations, int) and self.max_iterations >= 1,
                  "must be an integer >= 1 (1 = the plain backbone)")
-        _require(self, "compute_penalty", self.compute_penalty >= 0, "must be non-negative")
-        _require(self, "halt_threshold", 0.0 < self.halt_threshold < 1.0, "must be in (0, 1)")
-        _require(self, "gate_hidden", isinstance(self.gate_hidden, int) and self.gate_hidden > 0,
+        require(self, "compute_penalty", self.compute_penalty >= 0, "must be non-negative")
+        require(self, "halt_threshold", 0.0 < self.halt_threshold < 1.0, "must be in (0, 1)")
+        require(self, "gate_hidden", isinstance(self.gate_hidden, int) and self.gate_hidden > 0,
                  "must be a positive integer")
 
     @property

@@ -61,7 +61,7 @@ from harness import compute
 from harness.registry import register
 from models.backbone import KVCache
 from models.base import DecodeOutput, LanguageModel, TrainOutput, next_token_loss
-from models.config import ModelConfig, _require
+from models.config import ModelConfig, require
 
 INFERENCE_THRESHOLD = 0.5  # expert-choice at inference: continue iff sigmoid(router) >= 0.5 (BCE target)
 ROUTINGS = ("expert", "token")
@@ -83,24 +83,24 @@ class MoRConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self, "recursions", isinstance(self.recursions, int) and self.recursions >= 1,
+        require(self, "recursions", isinstance(self.recursions, int) and self.recursions >= 1,
                  "must be an integer >= 1 (1 = the plain backbone)")
-        _require(self, "routing", self.routing in ROUTINGS, f"must be one of {', '.join(ROUTINGS)}")
+        require(self, "routing", self.routing in ROUTINGS, f"must be one of {', '.join(ROUTINGS)}")
         for name in ("unshared_first", "unshared_last"):
-            _require(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+            require(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
                      "must be a non-negative integer")
-        _require(self, "unshared_last", self.unshared_first + self.unshared_last < self.n_layers,
+        require(self, "unshared_last", self.unshared_first + self.unshared_last < self.n_layers,
                  f"unshared_first + unshared_last must leave a shared middle block in n_layers={self.n_layers}")
         for name in ("router_aux_weight", "balance_weight"):
-            _require(self, name, getattr(self, name) >= 0, "must be non-negative")
+            require(self, name, getattr(self, name) >= 0, "must be non-negative")
         cap = tuple(float(c) for c in self.capacity)
         self.capacity = cap
-        _require(self, "capacity", len(cap) in (0, 1, self.recursions),
+        require(self, "capacity", len(cap) in (0, 1, self.recursions),
                  f"give no value (linear schedule), one ratio, or recursions={self.recursions} values")
-        _require(self, "capacity", all(0.0 < c <= 1.0 for c in cap), "every ratio must be in (0, 1]")
+        require(self, "capacity", all(0.0 < c <= 1.0 for c in cap), "every ratio must be in (0, 1]")
         if len(cap) == self.recursions and self.recursions > 1:
-            _require(self, "capacity", cap[0] == 1.0, "recursion 1 is dense: the first value must be 1.0")
-            _require(self, "capacity", all(a >= b for a, b in zip(cap, cap[1:])),
+            require(self, "capacity", cap[0] == 1.0, "recursion 1 is dense: the first value must be 1.0")
+            require(self, "capacity", all(a >= b for a, b in zip(cap, cap[1:])),
                      "must be non-increasing (routing is nested)")
 
     @property

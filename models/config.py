@@ -36,11 +36,12 @@ def _swiglu_width(d_model: int, multiple: int = 64) -> int:
     return multiple * math.ceil(8 * d_model / 3 / multiple)
 
 
-# CPU rungs keep non-embedding parameters well under 1M so a 2-core machine trains them in minutes;
+# CPU rungs keep non-embedding parameters well under 1M so a 2-core machine trains them in minutes,
+# with at least 3 layers so Mixture-of-Recursions has unshared first/last layers around a shared middle;
 # the Pythia rungs copy Pythia's width, depth and heads (LLaMA-style MLP of equal parameter count).
 SIZES: dict[str, Size] = {
-    "pico": Size(d_model=32, n_layers=2, n_heads=2, d_ff=96),
-    "nano": Size(d_model=64, n_layers=2, n_heads=4, d_ff=176),
+    "pico": Size(d_model=32, n_layers=3, n_heads=2, d_ff=96),
+    "nano": Size(d_model=64, n_layers=3, n_heads=4, d_ff=176),
     "micro": Size(d_model=96, n_layers=3, n_heads=4, d_ff=256),
     "tiny": Size(d_model=128, n_layers=4, n_heads=4, d_ff=352),
     "70m": Size(d_model=512, n_layers=6, n_heads=8, d_ff=_swiglu_width(512)),
@@ -140,9 +141,6 @@ def require(cfg: Any, name: str, ok: bool, message: str) -> None:
     """Validation helper for config ``__post_init__``: raise ConfigError naming the field unless ok."""
     if not ok:
         raise ConfigError(f"{type(cfg).__name__}.{name}={getattr(cfg, name)!r}: {message}")
-
-
-_require = require  # old name
 
 
 def _type_name(tp: Any) -> str:

@@ -118,10 +118,9 @@ def test_trains_and_evaluates_through_the_harness(name, tmp_path, small_corpus):
     from harness.train import Job, TrainConfig, train_job
 
     train = TrainConfig(seq_len=32, batch_size=4, eval_tokens=512, checkpoint_every=1000, lr=1e-2)
-    overrides = {"n_layers": 3} if name == "mor" else {}
-    probe = registry.build(name, size="pico", overrides={"vocab_size": 512, **overrides})
+    probe = registry.build(name, size="pico", overrides={"vocab_size": 512})
     budget = 30 * train.batch_size * train.seq_len * probe.train_flops_per_token(train.seq_len)
-    job = Job(method=name, budget=budget, size="pico", model=overrides,
+    job = Job(method=name, budget=budget, size="pico",
               data=DataConfig(source=small_corpus, vocab_size=512), train=train)
     result = train_job(job, tmp_path / name, progress=False)
     assert result["train_steps"] == 30
