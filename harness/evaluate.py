@@ -138,7 +138,7 @@ def load_job(folder: str | pathlib.Path):
     state = checkpoint.load_state(folder / "checkpoint")
     corpus = load_corpus(job.data)
     model = make_model(job, corpus.tokenizer.vocab_size)
-    if model.config.to_dict() != state["model_config"]:
+    if type(model.config).from_dict(state["model_config"]) != model.config:  # JSON has lists, not tuples
         raise CheckpointError(f"{folder}/checkpoint was written for another model config; retrain the job")
     checkpoint.load_weights(folder / "checkpoint", model)
     return job, model, corpus
@@ -157,6 +157,11 @@ def run(args: argparse.Namespace) -> int:
     from harness.train import resolve_device
 
     folder = pathlib.Path(args.folder)
+    tasks = [t for t in args.tasks.split(",") if t]
+    if tasks:  # a typo in a task name fails now, not after the perplexity pass
+        from harness.downstream import resolve_tasks
+
+        resolve_tasks(tasks)
     job, model, corpus = load_job(folder)
     device = resolve_device(job.train.device)
     model.to(device)
@@ -164,11 +169,11 @@ def run(args: argparse.Namespace) -> int:
     result = checkpoint.read_json(result_path, "result") if result_path.exists() else {}
     result.update(evaluate_model(model, corpus, job.train, device, records_path=folder / "tokens.npz",
                                  progress=not args.no_progress))
-    if args.tasks:
+    if tasks:
         from harness.lm_eval_adapter import evaluate_downstream
 
-        scores = evaluate_downstream(folder, [t for t in args.tasks.split(",") if t],
-                                     num_fewshot=args.num_fewshot, limit=args.limit)
+        scores = evaluate_downstream(folder, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                     progress=not args.no_progress)
         result.setdefault("downstream", {}).update(scores)
     write_json_atomic(result_path, result)
     if args.json:
