@@ -49,8 +49,9 @@ def _batches(windows: torch.Tensor, batch_size: int, device: torch.device):
 
 @torch.no_grad()
 def deployed_loss(model, windows, batch_size, device, autocast, progress=None, keep_records=False):
-    """Mean NLL under deployed inference, the ledger of what ran, and optional per-token records."""
-    nll_sum, tokens = 0.0, 0
+    """Mean NLL under deployed inference, the ledger totals of what ran, per-token records (optional)
+    and whether the method reports extra steps per token."""
+    nll_sum, tokens, reports_steps = 0.0, 0, False
     records: dict[str, list[np.ndarray]] = {"token": [], "nll": [], "steps": []}
     with compute.measure() as ledger:
         for inputs, targets in _batches(windows, batch_size, device):
@@ -62,11 +63,14 @@ def deployed_loss(model, windows, batch_size, device, autocast, progress=None, k
             if keep_records:
                 records["token"].append(targets.flatten().cpu().numpy().astype(np.int32))
                 records["nll"].append(nll.flatten().cpu().numpy().astype(np.float32))
+                # extra steps per token; 0 for a method that reports none (analyze reads them all)
                 steps = out.steps if out.steps is not None else torch.zeros_like(targets)
                 records["steps"].append(steps.flatten().cpu().numpy().astype(np.int16))
+                reports_steps = out.steps is not None
             if progress is not None:
                 progress.update(1)
-    return nll_sum / tokens, ledger.totals, {k: np.concatenate(v) for k, v in records.items() if v}
+    arrays = {k: np.concatenate(v) for k, v in records.items() if v}
+    return nll_sum / tokens, ledger.totals, arrays, reports_steps
 
 
 @torch.no_grad()
@@ -95,8 +99,8 @@ def evaluate_model(model, corpus: TokenizedCorpus, cfg, device: torch.device,
     autocast = autocast_for(device, cfg.precision)
     n_batches = math.ceil(len(windows) / cfg.eval_batch_size)
     with tqdm(total=n_batches, desc="evaluate", unit="batch", disable=not progress) as bar:
-        loss, totals, records = deployed_loss(model, windows, cfg.eval_batch_size, device, autocast, bar,
-                                              keep_records=True)
+        loss, totals, records, reports_steps = deployed_loss(model, windows, cfg.eval_batch_size, device,
+                                                             autocast, bar, keep_records=True)
     parallel = parallel_loss(model, windows, cfg.eval_batch_size, device, autocast)
     result: dict[str, Any] = {
         "val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": int(totals.tokens),
@@ -104,14 +108,14 @@ def evaluate_model(model, corpus: TokenizedCorpus, cfg, device: torch.device,
         "infer_flops_per_token_analytic_max": model.analytic_flops_per_token(cfg.seq_len),
         "parallel_val_loss": parallel, "parallel_gap": parallel - loss,
     }
-    steps = records.get("steps")
-    if steps is not None and getattr(model.config, "latent_steps", None) is not None:
-        result["mean_extra_steps"] = float(steps.mean())
-        result["max_extra_steps"] = int(steps.max())
+    if reports_steps:
+        result["mean_extra_steps"] = float(records["steps"].mean())
+        result["max_extra_steps"] = int(records["steps"].max())
+    if hasattr(model.config, "eval_jacobi_passes"):  # the PonderLM family's parallel form is Jacobi
         if getattr(model.config, "prune_threshold", 0.0) > 0:
             # PonderLM-3: the Jacobi fixed point is exact decoding with nothing pruned (tau = 0)
             with config_override(model, prune_threshold=0.0):
-                exact, _, _ = deployed_loss(model, windows, cfg.eval_batch_size, device, autocast)
+                exact, *_ = deployed_loss(model, windows, cfg.eval_batch_size, device, autocast)
             result["exact_val_loss"] = exact
             result["jacobi_gap"] = parallel - exact
             result["consistency_gap"] = parallel - loss
