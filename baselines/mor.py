@@ -60,7 +60,7 @@ from torch import nn
 from harness import compute
 from harness.registry import register
 from models.backbone import KVCache
-from models.base import DecodeOutput, LanguageModel, TrainOutput, next_token_loss
+from models.base import DecodeOutput, LanguageModel, TrainOutput
 from models.config import ModelConfig, require
 
 INFERENCE_THRESHOLD = 0.5  # expert-choice at inference: continue iff sigmoid(router) >= 0.5 (BCE target)
@@ -250,7 +250,7 @@ class MixtureOfRecursions(LanguageModel):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> TrainOutput:
         h, depth, aux, stats = self._run(input_ids, None, None, training_form=True)
-        lm_loss = next_token_loss(self.decoder.head(h), targets)
+        lm_loss = self.decoder.head_loss(h, targets)
         loss = lm_loss if aux is None else lm_loss + aux
         stats["mean_extra_steps"] = float(depth.float().mean()) - 1.0
         return TrainOutput(loss=loss, lm_loss=lm_loss, stats=stats)

@@ -32,29 +32,125 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 (as LLaMA does) so bf16 training keeps the same statistics.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One fused call (the weight inside): the same arithmetic as below, fewer kernel launches.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Normalise in float32 and scale in the input dtype, as LLaMA does, so bf16 keeps its statistics.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
 
 
 class Rotary(nn.Module):
-    """RoPE with LLaMA's rotate-half layout; positions are explicit so slots can share them."""
+    """RoPE with LLaMA's rotate-half layout; positions are explicit so slots can share them.
+
+    cos and sin are looked up in a float32 table over positions 0..P-1 (grown by doubling), computed
+    with the same arithmetic as computing them per call, so each decoder call costs one lookup instead
+    of six kernels. The table folds rotate-half's sign into sin: ``sin_signed = [-sin_1, sin_2]`` over
+    the two halves, so rotating is ``x * cos + roll(x, D/2) * sin_signed`` (no negation or slicing).
+    """
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin_signed) [P, head_dim]
+        self._table_dtype = inv_freq.dtype  # the table is rebuilt if the module is cast (.to(dtype))
+
+    def table(self, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin_signed) [P, head_dim] in float32 for at least ``n_positions`` positions."""
+        table = self._table
+        if (table is None or table[0].shape[0] < n_positions or table[0].device != self.inv_freq.device
+                or self._table_dtype != self.inv_freq.dtype):
+            size = max(256, 1 << max(0, n_positions - 1).bit_length())
+            positions = torch.arange(size, device=self.inv_freq.device, dtype=torch.float32)
+            freqs = positions[:, None] * self.inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos(), emb.sin()
+            sin[:, :freqs.shape[-1]].neg_()
+            table = self._table = (cos, sin)
+            self._table_dtype = self.inv_freq.dtype
+        return table
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, n] -> cos, sin [B, 1, n, head_dim] in float32."""
-        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos(), emb.sin()
+        """positions [B, n] -> cos, sin_signed [B, 1, n, head_dim] in float32."""
+        if positions.numel() == 0:
+            cos, sin = self.table(1)
+            shape = (*positions.shape, cos.shape[-1])
+            return cos.new_empty(shape)[:, None], sin.new_empty(shape)[:, None]
+        if positions.is_floating_point():  # fractional positions: compute, as the table cannot index them
+            freqs = positions.to(torch.float32)[..., None] * self.inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+            half = freqs.shape[-1]
+            return emb.cos(), torch.cat((-emb[..., :half].sin(), emb[..., half:].sin()), dim=-1)
+        cos, sin = self.table(int(positions.max()) + 1)  # one sync: the table size depends on it
+        return cos[positions][:, None], sin[positions][:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Textbook RoPE with rotate-half (plain ``sin``); the model uses :func:`rotate` (same values)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x * cos + rotated * sin).type_as(x)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """RoPE as ``x * cos + roll(x, D/2) * sin_signed``: bit-identical to :func:`apply_rotary`.
+
+    roll swaps the halves, and the sign rotate-half puts on the first half lives in ``sin_signed``
+    (negating a product is exact), so there is no slicing, negation or concatenation to run.
+    """
+    return (x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed).type_as(x)
+
+
+IGNORE_INDEX = -100  # targets with this value are left out of the loss (as models.base.IGNORE_INDEX)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean next-token cross-entropy of ``h @ weight.T`` without materialising all logits.
+
+    The rows are processed in chunks of about ``chunk_bytes`` of logits; each chunk's loss *and* its
+    gradients (softmax minus one-hot, times the head weight and the hidden states) are computed at
+    once in the forward, while the chunk is in cache, and the backward only scales them. It computes
+    what ``F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=-100)`` does (mean over
+    non-ignored targets, NaN when there are none) with the same matmuls, but skips writing and
+    re-reading the [N, V] logits, their log-softmax, its gradient and the zero-filled one-hot
+    gradient: on CPU the head and loss of a CPU-sized model then take ~2x less time (the memory-bound
+    passes over [N, V] cost more than the matmuls). Single backward only (no double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
+                chunk_rows: int) -> torch.Tensor:
+        valid = targets != IGNORE_INDEX
+        count = valid.sum()
+        safe = targets.clamp_min(0)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        total = h.new_zeros((), dtype=torch.float32)
+        for start in range(0, h.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            h_rows, t_rows = h[rows], safe[rows, None]
+            logits = h_rows @ weight.t()
+            lse = torch.logsumexp(logits, dim=-1)
+            keep = valid[rows].to(logits.dtype)
+            total += ((lse - logits.gather(1, t_rows)[:, 0]) * keep).sum()
+            if need_h or need_w:  # d loss / d logits = (softmax - onehot) / count, 0 for ignored rows
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs.scatter_add_(1, t_rows, -keep[:, None])
+                probs.mul_((keep / count)[:, None])
+                if need_h:
+                    torch.mm(probs, weight, out=grad_h[rows])
+                if need_w:
+                    grad_w.addmm_(probs.t(), h_rows)
+        ctx.save_for_backward(grad_h if need_h else h.new_empty(0), grad_w if need_w else h.new_empty(0))
+        return total / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out if ctx.needs_input_grad[0] else None,
+                grad_w * grad_out if ctx.needs_input_grad[1] else None, None, None)
 
 
 class KVCache:
@@ -62,7 +158,9 @@ class KVCache:
 
     ``key_bias[b, s]`` is added to every query's logit toward slot s (0 for ordinary tokens, log w for
     PonderLM-3's latent slots); ``key_valid[b, s]`` is False for slots that are not keys (padding, or a
-    row of the batch that skipped a step). Capacity doubles as needed.
+    row of the batch that skipped a step). Capacity doubles as needed. Unallocated slots hold
+    ``key_valid`` True, so allocating ordinary slots (all valid) writes nothing; they are never read
+    before they are allocated.
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int,
@@ -75,7 +173,7 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
         self.key_bias = torch.zeros(batch_size, capacity, device=self.device)
-        self.key_valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=self.device)
+        self.key_valid = torch.ones(batch_size, capacity, dtype=torch.bool, device=self.device)
         self.has_bias = False  # stays False while every bias is 0 and every slot valid (fast path)
 
     def allocate(self, n: int, key_bias: torch.Tensor | None = None, key_valid: torch.Tensor | None = None) -> int:
@@ -89,23 +187,21 @@ class KVCache:
         if key_valid is not None:
             self.key_valid[:, start:start + n] = key_valid
             self.has_bias = self.has_bias or not bool(key_valid.all())
-        else:
-            self.key_valid[:, start:start + n] = True
         self.length = start + n
         return start
 
     def _grow(self, capacity: int) -> None:
-        def grown(t: torch.Tensor, dim: int) -> torch.Tensor:
+        def grown(t: torch.Tensor, dim: int, fill: float = 0) -> torch.Tensor:
             shape = list(t.shape)
             shape[dim] = capacity
-            out = t.new_zeros(shape)
+            out = t.new_full(shape, fill)
             out.narrow(dim, 0, t.shape[dim]).copy_(t)
             return out
 
         self.keys = [None if k is None else grown(k, 2) for k in self.keys]
         self.values = [None if v is None else grown(v, 2) for v in self.values]
         self.key_bias = grown(self.key_bias, 1)
-        self.key_valid = grown(self.key_valid, 1)
+        self.key_valid = grown(self.key_valid, 1, fill=True)
         self.capacity = capacity
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,14 +223,17 @@ class AttentionPlan:
     Built once per call by :meth:`Decoder.plan`, so the mask is not rebuilt per layer.
     """
 
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cos: torch.Tensor  # [B, 1, n, head_dim] float32
+    sin_signed: torch.Tensor  # sin with rotate-half's sign folded in (see :class:`Rotary`)
     mask: torch.Tensor | None  # additive float [B, 1, n, S] or None
     is_causal: bool
     queries: float  # real (valid) query positions, for the ledger
     key_pairs: float  # visible (query, key) pairs over valid queries
     cache: KVCache | None = None
     cache_start: int = 0
+    # Per-key additive bias [B, S] (float32) applied on top of ``is_causal`` without building a mask:
+    # see :meth:`Attention.attend`. Set by :meth:`Decoder.plan` for causal attention with a key bias.
+    key_bias: torch.Tensor | None = None
     # Optional (layer, k, v) -> (k, v) replacing the cache write: for methods whose keys are not just
     # "the new slots appended" (AdaPonder reuses halted tokens' K/V from an earlier iteration).
     kv_hook: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -160,18 +259,50 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, n, d] -> rotated q [B, H, n, D], k and v [B, Hkv, n, D]."""
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rotary(q, plan.cos, plan.sin), apply_rotary(k, plan.cos, plan.sin), v
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        # Functional calls on the weights: the same matmuls without nn.Module call overhead, which
+        # matters when decoding one slot at a time. (Fusing q/k/v into one matmul on concatenated
+        # weights was measured: no faster on CPU, and its backward adds a concatenation of gradients.)
+        q = F.linear(x, self.q_proj.weight).view(b, n, H, D).transpose(1, 2)
+        k = F.linear(x, self.k_proj.weight).view(b, n, Hkv, D).transpose(1, 2)
+        v = F.linear(x, self.v_proj.weight).view(b, n, Hkv, D).transpose(1, 2)
+        return rotate(q, plan.cos, plan.sin_signed), rotate(k, plan.cos, plan.sin_signed), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         """Scaled dot-product attention over the given keys; returns the projected output [B, n, d]."""
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=plan.mask_as(q.dtype), is_causal=plan.is_causal,
-            enable_gqa=self.n_kv_heads != self.n_heads)
+        if plan.key_bias is not None:
+            out = self._attend_with_key_bias(q, k, v, plan.key_bias)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=plan.mask_as(q.dtype), is_causal=plan.is_causal,
+                enable_gqa=self.n_kv_heads != self.n_heads)
         b, _, n, _ = q.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
+        return F.linear(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim), self.o_proj.weight)
+
+    def _attend_with_key_bias(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              key_bias: torch.Tensor) -> torch.Tensor:
+        """Causal attention with logit bias[b, j] toward key j, as one extra head channel.
+
+        With q' = [q, 1, 0..], k' = [k, bias sqrt(D), 0..], v' = [v, 0..] and the scale kept at 1/sqrt(D),
+        q'.k' / sqrt(D) = q.k / sqrt(D) + bias: the same logits as an additive mask, but SDPA runs its
+        fused causal kernel instead of materialising [B, 1, n, n] masks and their gradient (PonderLM-3's
+        soft mask: ~3x faster per layer on CPU, the bias still differentiable). The CPU kernel takes
+        any head dimension, so one channel is added there; elsewhere zero channels pad the head
+        dimension to a multiple of 8, which fused GPU kernels want. (The value gets zero channels too:
+        fused kernels need equal head dimensions.)
+        """
+        b, _, n, d = q.shape
+        pad = 1 if q.device.type == "cpu" else (d + 1 + 7) // 8 * 8 - d
+        channel = (key_bias * math.sqrt(d)).to(k.dtype)[:, None, :, None].expand(b, k.shape[1], n, 1)
+        q_parts, k_parts = [q, q.new_ones(b, q.shape[1], n, 1)], [k, channel]
+        if pad > 1:
+            q_parts.append(q.new_zeros(b, q.shape[1], n, pad - 1))
+            k_parts.append(k.new_zeros(b, k.shape[1], n, pad - 1))
+        q_ext, k_ext = torch.cat(q_parts, dim=-1), torch.cat(k_parts, dim=-1)
+        v_ext = torch.cat((v, v.new_zeros(b, v.shape[1], n, pad)), dim=-1)
+        out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, is_causal=True, scale=1.0 / math.sqrt(d),
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        return out[..., :d]
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan, layer: int) -> torch.Tensor:
         q, k, v = self.project(x, plan)
@@ -190,7 +321,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight)
+        return F.linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 class Block(nn.Module):
@@ -260,6 +392,27 @@ class Decoder(nn.Module):
         logits[valid] = self.lm_head(h[valid]).to(logits.dtype)
         return logits
 
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of the logits of h [..., d] against ``targets`` [...].
+
+        Equal to ``models.base.next_token_loss(self.head(h), targets)`` (float32 loss, IGNORE_INDEX
+        targets left out) and recorded in the ledger as the same head call. When gradients are
+        wanted in float32 (CPU training) it runs :class:`LinearCrossEntropy`, which never holds the
+        full logits; otherwise (evaluation, autocast) it computes the logits and the loss directly.
+        """
+        compute.record_head(self.cfg.d_model, self.cfg.vocab_size, h.numel() // h.shape[-1])
+        weight = self.lm_head.weight
+        flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        fused = (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+                 and h.dtype == torch.float32 and weight.dtype == torch.float32
+                 and not torch.is_autocast_enabled(h.device.type))
+        if not fused:
+            return F.cross_entropy(F.linear(flat_h, weight).float(), flat_t, ignore_index=IGNORE_INDEX)
+        # ~4 MB of logits per chunk stays in a CPU's cache; a GPU wants large chunks (few launches).
+        chunk_bytes = (4 << 20) if h.device.type == "cpu" else (256 << 20)
+        chunk_rows = max(16, chunk_bytes // (4 * self.cfg.vocab_size))
+        return LinearCrossEntropy.apply(flat_h, weight, flat_t, chunk_rows)
+
     def plan(self, positions: torch.Tensor, *, cache: KVCache | None = None,
              key_bias: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
              allowed: torch.Tensor | None = None, query_valid: torch.Tensor | None = None) -> AttentionPlan:
@@ -279,7 +432,7 @@ class Decoder(nn.Module):
         b = cache.batch_size if cache is not None else positions.shape[0]
         positions = positions.expand(b, -1)
         n = positions.shape[1]
-        cos, sin = self.rotary(positions)
+        cos, sin_signed = self.rotary(positions)
         start = 0
         if cache is not None:
             start = cache.allocate(n, key_bias, key_valid)
@@ -288,14 +441,29 @@ class Decoder(nn.Module):
         n_queries = float(b * n) if query_valid is None else compute.as_count(query_valid)
 
         plain = key_bias is None and key_valid is None and allowed is None and query_valid is None
+        if (cache is None and key_bias is not None and key_valid is None and allowed is None
+                and query_valid is None):
+            # Causal over the new slots with a per-key bias (PonderLM-3's training passes): no mask,
+            # the bias rides along as an extra head channel (Attention._attend_with_key_bias).
+            return AttentionPlan(cos, sin_signed, None, True, n_queries, float(b * compute.causal_key_pairs(n)),
+                                 key_bias=key_bias.float())
         if plain and (cache is None or not cache.has_bias):
             if start == 0:  # causal over the new slots only
-                return AttentionPlan(cos, sin, None, n > 1, n_queries, float(b * compute.causal_key_pairs(n)),
+                return AttentionPlan(cos, sin_signed, None, n > 1, n_queries, float(b * compute.causal_key_pairs(n)),
                                      cache, start)
             if n == 1:  # one query that sees everything cached
-                return AttentionPlan(cos, sin, None, False, n_queries, float(b * (start + 1)), cache, start)
+                return AttentionPlan(cos, sin_signed, None, False, n_queries, float(b * (start + 1)), cache, start)
 
         total = start + n
+        # finfo.min, not -inf: a fully masked row (a padding query) then stays finite instead of NaN.
+        floor = torch.finfo(torch.float32).min
+        if allowed is None and cache is not None and n == 1:
+            # One new query (a decoding step): it sees every valid cached slot, so the mask is just the
+            # cache's bias and validity -- no causal pattern to build.
+            bias, valid = cache.key_bias[:, :total], cache.key_valid[:, :total]
+            counted = valid if query_valid is None else valid & query_valid
+            mask = torch.where(valid, bias.float(), floor)[:, None, None, :]
+            return AttentionPlan(cos, sin_signed, mask, False, n_queries, compute.as_count(counted), cache, start)
         if allowed is None:
             slot = torch.arange(total, device=positions.device)
             allowed = (slot[None, :] <= (start + torch.arange(n, device=positions.device))[:, None])[None]
@@ -310,10 +478,8 @@ class Decoder(nn.Module):
         allowed = allowed & valid[:, None, :]
         counted = allowed if query_valid is None else allowed & query_valid[:, :, None]
         key_pairs = compute.as_count(counted)
-        # finfo.min, not -inf: a fully masked row (a padding query) then stays finite instead of NaN.
-        floor = torch.finfo(torch.float32).min
         mask = torch.where(allowed, bias.float()[:, None, :].expand_as(allowed), floor)[:, None]
-        return AttentionPlan(cos, sin, mask, False, n_queries, key_pairs, cache, start)
+        return AttentionPlan(cos, sin_signed, mask, False, n_queries, key_pairs, cache, start)
 
     def run_blocks(self, x: torch.Tensor, plan: AttentionPlan, layers: range | None = None,
                    cache_layer_offset: int = 0) -> torch.Tensor:
@@ -332,11 +498,16 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Plain LLaMA: token ids [B, n] -> logits [B, n, V]; with a cache, continues after its slots."""
+        return self.head(self.hidden(input_ids, positions, cache, valid), valid)
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+               cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The normalised final hidden states [B, n, d] that :meth:`forward` feeds to the LM head."""
         if positions is None:
             offset = 0 if cache is None else cache.length
             positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
         plan = self.plan(positions.expand(input_ids.shape[0], -1), cache=cache, key_valid=valid)
-        return self.head(self.norm(self.run_blocks(self.embed(input_ids), plan)), valid)
+        return self.norm(self.run_blocks(self.embed(input_ids), plan))
 
     # -- analytic compute -----------------------------------------------------------------------
 
@@ -357,5 +528,5 @@ class Decoder(nn.Module):
         return total - self.embed_tokens.weight.numel() if non_embedding else total
 
 
-__all__ = ["Attention", "AttentionPlan", "Block", "Decoder", "KVCache", "RMSNorm", "Rotary", "SwiGLU",
-           "apply_rotary"]
+__all__ = ["Attention", "AttentionPlan", "Block", "Decoder", "IGNORE_INDEX", "KVCache", "LinearCrossEntropy",
+           "RMSNorm", "Rotary", "SwiGLU", "apply_rotary", "rotate"]

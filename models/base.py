@@ -67,7 +67,7 @@ class LanguageModel(nn.Module):
     # -- training -------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> TrainOutput:
-        loss = next_token_loss(self.decoder(input_ids), targets)
+        loss = self.decoder.head_loss(self.decoder.hidden(input_ids), targets)
         return TrainOutput(loss=loss, lm_loss=loss)
 
     # -- deployed inference ---------------------------------------------------------------------

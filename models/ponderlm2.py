@@ -51,7 +51,7 @@ import torch
 from harness import compute
 from harness.registry import register
 from models.backbone import KVCache
-from models.base import DecodeOutput, LanguageModel, TrainOutput, next_token_loss
+from models.base import DecodeOutput, LanguageModel, TrainOutput
 from models.config import ModelConfig, require
 
 
@@ -191,18 +191,23 @@ class PonderLM2(LanguageModel):
             outs, _ = self._pass(x, outs, K)
         return self._pass(x, outs, K)
 
-    def readout(self, outs: torch.Tensor, log_s: torch.Tensor | None) -> torch.Tensor:
-        """Next-token logits [B, T, V]: slot K's output, or the mixture sum_k s_k h^(k) (PonderLM-3)."""
+    def readout_hidden(self, outs: torch.Tensor, log_s: torch.Tensor | None) -> torch.Tensor:
+        """The hidden state [B, T, d] the LM head reads: slot K's output, or sum_k s_k h^(k) (PonderLM-3)."""
         if log_s is None:
-            return self.decoder.head(outs[:, :, -1])
-        return self.decoder.head((log_s.exp().to(outs.dtype)[..., None] * outs).sum(dim=2))
+            return outs[:, :, -1]
+        return (log_s.exp().to(outs.dtype)[..., None] * outs).sum(dim=2)
+
+    def readout(self, outs: torch.Tensor, log_s: torch.Tensor | None) -> torch.Tensor:
+        """Next-token logits [B, T, V] of :meth:`readout_hidden`."""
+        return self.decoder.head(self.readout_hidden(outs, log_s))
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, *,
                 jacobi_passes: int | None = None) -> TrainOutput:
         """Training (and parallel eval) forward; ``jacobi_passes`` overrides the sampled J."""
         n_jacobi = self.sample_jacobi_passes() if jacobi_passes is None else int(jacobi_passes)
         outs, log_s = self.latent_passes(input_ids, n_jacobi)
-        lm_loss = next_token_loss(self.readout(outs, log_s), targets)
+        # = next_token_loss(self.readout(outs, log_s), targets), without materialising the logits
+        lm_loss = self.decoder.head_loss(self.readout_hidden(outs, log_s), targets)
         loss, stats = self.objective(lm_loss, log_s, targets)
         stats["jacobi_passes"] = float(n_jacobi if self.config.latent_steps else 0)
         return TrainOutput(loss=loss, lm_loss=lm_loss, stats=stats)
