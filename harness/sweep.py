@@ -1,0 +1,494 @@
+"""Matched-budget sweeps on Ray: plan the jobs, fan them out, record every result, write the reports.
+
+``python -m harness sweep [--budget FLOPS] [--methods a,b] [--seeds N] [--out DIR] [--address ADDR]
+[--dry-run] [--yes] [--match train-flops|tokens] [--tasks arc_easy,...] [--task-limit N] [--set k=v ...]``
+
+Without ``--budget`` it runs the embedded default (:data:`DEFAULT_SWEEP`): every registered method
+(plugins installed later are swept too) on the embedded corpus at a budget that finishes in under 15
+minutes on a 2-core CPU, evaluation included.
+
+How it runs (DESIGN.md section 8):
+
+* The plan (:mod:`harness.plan`) is printed first. A plan whose estimated wall time on the hardware
+  found exceeds :data:`CONFIRM_HOURS` stops and asks; ``--yes`` skips the question (without a
+  terminal the sweep stops with a one-line error instead).
+* ``ray.init()`` starts a local instance with every CPU core unless ``--address``/``RAY_ADDRESS``
+  names a cluster. A job takes one GPU when the cluster has GPUs, else ``--cpus-per-job`` CPUs (and as
+  many torch threads). On a cluster, ``OUT`` must be on a filesystem every node sees.
+* Each Ray task calls :func:`harness.train.train_job` on ``OUT/jobs/<job_id>`` (which resumes from the
+  job's checkpoint, or returns the result of a finished job), then the downstream tasks through
+  :func:`harness.lm_eval_adapter.evaluate_downstream` when ``--tasks`` is given, and appends the record
+  to ``OUT/runs.jsonl`` itself, so a finished job is stored even if the driver dies a moment later.
+* Errors the user must fix (config, data, NaN loss, a corrupt checkpoint) are recorded as failed at
+  once; anything else (a crashed or killed worker, an unexpected exception) is retried by Ray
+  (``--retries``, resuming from the checkpoint) and then recorded as failed with its one-line message.
+  The sweep goes on either way and exits with status 1 if a job failed.
+* Running the same command again skips jobs already recorded "ok" and resumes interrupted ones.
+* At the end it writes the plots and tables of :mod:`harness.report` into ``OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import pathlib
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness import plan as planning
+from harness.checkpoint import write_json_atomic
+from harness.results import OK, PLAN_FILE, ResultsStore, failed_record, ok_record, one_line
+
+# The embedded default sweep: what `python -m harness sweep` runs without --budget. Its sizes come from
+# the ladder rule (the CPU rungs nearest Chinchilla-optimal at this budget: pico and nano for every
+# method); downstream tasks run on their first 50 documents, zero-shot (chance-level at this scale: they
+# show the pipeline end to end, not a finding). Measured wall time on a 2-core
+# CPU (2 jobs at once, one thread each) is in results/reference/README.md.
+DEFAULT_SWEEP: dict[str, Any] = {"budget": 3e11, "rungs": 2, "tasks": ["arc_easy", "piqa", "lambada"],
+                                 "task_limit": 50}
+CONFIRM_HOURS = 24.0  # a plan estimated to need longer than this (wall, on the hardware found) asks first
+DEFAULT_RETRIES = 2
+WORKER_FILE = "worker.json"  # written by a running task into its job folder: pid, host, sweep token
+
+
+@dataclass
+class SweepOptions:
+    """How to run the planned jobs (the plan itself is a :class:`harness.plan.PlanRequest`)."""
+
+    out: str
+    address: str | None = None
+    cpus: int | None = None  # CPUs of a local Ray instance (default: all cores)
+    cpus_per_job: int = 1
+    retries: int = DEFAULT_RETRIES
+    tasks: list[str] = field(default_factory=list)
+    num_fewshot: int = 0
+    task_limit: int | None = None
+    dry_run: bool = False
+    yes: bool = False
+    progress: bool = True
+    reports: bool = True
+    verbose: bool = False  # forward workers' logs to the driver
+
+
+@dataclass
+class SweepOutcome:
+    plan: planning.Plan
+    ran: int = 0
+    skipped: int = 0  # already recorded ok before this sweep
+    ok: int = 0
+    failed: int = 0
+    wall_seconds: float = 0.0
+    reports: list[str] = field(default_factory=list)
+
+
+class SweepError(planning.PlanError):
+    """The sweep cannot start as asked (budget beyond the hardware without --yes); one line."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# one job (runs inside a Ray worker)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that retrying cannot fix: recorded as failed at once."""
+    from harness.checkpoint import CheckpointError
+    from harness.data import DataError
+    from harness.train import TrainingError
+    from models.config import ConfigError
+
+    types: list[type[BaseException]] = [ConfigError, DataError, TrainingError, CheckpointError]
+    try:
+        from harness.downstream import DownstreamError
+
+        types.append(DownstreamError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _note_worker(folder: pathlib.Path, token: str) -> tuple[int, int | None]:
+    """Write WORKER_FILE; return (attempt of this sweep, step of the checkpoint we resume from)."""
+    from harness import checkpoint
+
+    attempt = 1
+    marker = folder / WORKER_FILE
+    try:
+        previous = json.loads(marker.read_text())
+        if previous.get("token") == token:
+            attempt = int(previous.get("attempt", 0)) + 1
+    except (OSError, ValueError):
+        pass
+    resumed_from = None
+    if (folder / "checkpoint" / "state.json").exists() and not (folder / "result.json").exists():
+        try:
+            resumed_from = int(checkpoint.load_state(folder / "checkpoint")["step"])
+        except (checkpoint.CheckpointError, KeyError, ValueError):  # damaged: train_job names the problem
+            resumed_from = None
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, {"pid": os.getpid(), "host": socket.gethostname(), "token": token,
+                               "attempt": attempt, "started": time.time()})
+    return attempt, resumed_from
+
+
+def execute_job(job_dict: dict[str, Any], root: str, token: str, tasks: list[str], num_fewshot: int,
+                task_limit: int | None, threads: int) -> dict[str, Any]:
+    """Train (or resume, or reuse) one job, evaluate it downstream, append and return its record."""
+    import torch
+
+    from harness.train import Job
+
+    torch.set_num_threads(max(1, threads))
+    store = ResultsStore(root)
+    job = Job.from_dict(job_dict)
+    folder = store.job_dir(job.job_id())
+    with _job_lock(folder):
+        return _execute_locked(job, folder, store, token, tasks, num_fewshot, task_limit)
+
+
+@contextlib.contextmanager
+def _job_lock(folder: pathlib.Path) -> Iterator[None]:
+    """Hold the job folder exclusively; the kernel releases the lock when its holder dies.
+
+    A worker of a killed sweep can outlive its driver for a few seconds, and two sweeps may share a
+    folder: without the lock, a resumed attempt could read a checkpoint that the old one is replacing.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for a previous holder to finish or die
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _execute_locked(job, folder: pathlib.Path, store: ResultsStore, token: str, tasks: list[str], num_fewshot: int,
+                    task_limit: int | None) -> dict[str, Any]:
+    from harness.train import train_job
+
+    attempt, resumed_from = _note_worker(folder, token)
+    extra = {"attempt": attempt, "resumed_from_step": resumed_from, "host": socket.gethostname()}
+    try:
+        result = train_job(job, folder, progress=False)
+    except _user_errors() as exc:
+        record = failed_record(job, one_line(exc), **extra)
+        store.append(record)
+        return record
+    missing = [t for t in tasks if t not in result.get("downstream", {})]
+    if missing:
+        # lm-eval bootstraps standard errors in a fork()ed multiprocessing pool; fork() inside a Ray
+        # worker (threads, signal handlers) deadlocks, so its documented switch makes it run serially
+        os.environ["DISABLE_MULTIPROC"] = "1"
+        try:
+            from harness.lm_eval_adapter import evaluate_downstream
+
+            scores = evaluate_downstream(folder, missing, num_fewshot=num_fewshot, limit=task_limit, progress=False)
+            result.setdefault("downstream", {}).update(scores)
+            result["downstream_num_fewshot"], result["downstream_limit"] = num_fewshot, task_limit
+            write_json_atomic(folder / "result.json", result)  # a rerun then finds the scores
+        except Exception as exc:  # the trained model is still a result worth keeping
+            extra["downstream_error"] = one_line(exc)
+    record = ok_record(job, result, **extra)
+    store.append(record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray
+
+
+def _ray():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    return ray
+
+
+def _project_root() -> pathlib.Path | None:
+    root = pathlib.Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").exists() else None
+
+
+def _start_ray(options: SweepOptions) -> bool:
+    """Connect to or start Ray; True if this call started it (and must shut it down)."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": options.verbose,
+                              "logging_level": logging.INFO if options.verbose else logging.ERROR}
+    if address and address != "local":
+        env = {k: v for k, v in os.environ.items() if k.startswith(("HARNESS_", "HF_", "TOKENIZERS_"))}
+        runtime_env: dict[str, Any] = {"env_vars": env}
+        root = _project_root()
+        if root is not None:  # a checkout: ship it so every node imports the same code
+            runtime_env["working_dir"] = str(root)
+            runtime_env["excludes"] = [".git", ".venv", ".tox", "results", "**/__pycache__", "*.safetensors"]
+        try:
+            ray.init(address=address, runtime_env=runtime_env, **kwargs)
+        except (ConnectionError, RuntimeError) as exc:
+            raise SweepError(f"cannot join the Ray cluster at {address} ({one_line(exc, 200)}); check the address "
+                             "(`ray status` on the head node) and, if the cluster uses token authentication, "
+                             "RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN") from None
+    else:
+        ray.init(num_cpus=options.cpus or os.cpu_count() or 1, **kwargs)
+    return True
+
+
+def _cluster_slots(options: SweepOptions) -> tuple[int, int]:
+    """(GPUs, parallel job slots) of the Ray cluster."""
+    resources = _ray().cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    slots = gpus if gpus else max(1, int(resources.get("CPU", 1)) // options.cpus_per_job)
+    return gpus, slots
+
+
+# ---------------------------------------------------------------------------------------------------
+# the sweep
+
+
+def _confirm(plan: planning.Plan, options: SweepOptions) -> None:
+    hours = plan.wall_hours
+    if hours <= CONFIRM_HOURS or options.yes:
+        return
+    message = (f"budget {plan.request.budget:.3g} FLOPs needs ~{hours:,.0f} h of wall time on the hardware found "
+               f"({plan.hardware.workers} worker(s), {plan.device_hours:,.0f} device-hours)")
+    if sys.stdin is not None and sys.stdin.isatty():
+        answer = input(f"{message}. Run it anyway? [y/N] ").strip().lower()
+        if answer in ("y", "yes"):
+            return
+        raise SweepError("sweep not started; lower --budget, or pass --yes to run it anyway")
+    raise SweepError(f"{message}; pass --yes to run it anyway, or lower --budget")
+
+
+def _prepare_data(plan: planning.Plan, progress: bool) -> int | None:
+    """Tokenise each distinct dataset once, here (workers then find the cache); the shared vocabulary size."""
+    from harness.data import load_corpus
+
+    configs = {json.dumps(dataclasses.asdict(j.job.data), sort_keys=True): j.job.data for j in plan.jobs}
+    sizes = set()
+    for data in configs.values():
+        if progress:
+            print(f"data: preparing {data.source} (tokenizer {data.tokenizer})", file=sys.stderr, flush=True)
+        try:
+            sizes.add(load_corpus(data).tokenizer.vocab_size)
+        except _user_errors() as exc:  # its jobs fail and are recorded with this message; the others run
+            print(f"warning: data {data.source}: {one_line(exc)}", file=sys.stderr, flush=True)
+            return None
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _finished(record: dict[str, Any] | None, tasks: list[str]) -> bool:
+    return (record is not None and record.get("status") == OK
+            and all(t in (record.get("downstream") or {}) for t in tasks))
+
+
+def _running(pending: dict[Any, planning.PlannedJob], store: ResultsStore, token: str) -> int:
+    count = 0
+    for planned in pending.values():
+        try:
+            marker = json.loads((store.job_dir(planned.job_id) / WORKER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        count += marker.get("token") == token
+    return count
+
+
+def _failure_message(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return one_line(cause)
+    return one_line(exc)
+
+
+def _describe(record: dict[str, Any]) -> str:
+    job = record.get("job", {})
+    name = f"{record.get('method')}/{record.get('size')} seed {record.get('seed')}"
+    variant = (record.get("tags") or {}).get("variant")
+    if variant:
+        name += f" [{variant}]"
+    if record.get("status") == OK:
+        text = f"ok      {name}: ppl {record.get('val_ppl', float('nan')):.2f} at " \
+               f"{record.get('infer_flops_per_token', 0):.3g} FLOPs/token"
+        if record.get("resumed_from_step"):
+            text += f" (resumed from step {record['resumed_from_step']})"
+        if record.get("downstream_error"):
+            text += f"; downstream failed: {record['downstream_error']}"
+        return text
+    return f"FAILED  {name} ({job.get('budget', 0):.3g} FLOPs): {record.get('error')}"
+
+
+def sweep(request: planning.PlanRequest, options: SweepOptions) -> SweepOutcome:
+    """Plan, confirm, run every unfinished job on Ray, record, report. See the module docstring."""
+    started = time.time()
+    store = ResultsStore(options.out)
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if options.progress else (lambda text: None)
+    remote = bool(options.address or os.environ.get("RAY_ADDRESS")) and options.address != "local"
+    we_started = False
+    try:
+        hardware = None
+        if remote and not options.dry_run:
+            we_started = _start_ray(options)
+            gpus, slots = _cluster_slots(options)
+            if gpus and not request.gpu:
+                probe = _ray().remote(num_gpus=1)(_probe_hardware)
+                hardware = _ray().get(probe.remote(request))
+            hardware = dataclasses.replace(hardware, workers=slots) if hardware else None
+            request = dataclasses.replace(request, workers=request.workers or slots)
+        plan = planning.make_plan(request, hardware)
+        print(planning.format_plan(plan), flush=True)
+        outcome = SweepOutcome(plan)
+        if options.dry_run:
+            return outcome
+        _confirm(plan, options)
+        if not remote:
+            vocab = _prepare_data(plan, options.progress)
+            if vocab is not None and vocab != plan.vocab_size:  # count with the tokenizer's real size
+                plan = planning.make_plan(dataclasses.replace(request, vocab_size=vocab), plan.hardware)
+                outcome.plan = plan
+        store.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(store.root / PLAN_FILE, plan.to_dict())
+
+        latest = store.latest()
+        todo = [j for j in plan.jobs if not _finished(latest.get(j.job_id), options.tasks)]
+        outcome.skipped = len(plan.jobs) - len(todo)
+        if outcome.skipped:
+            say(f"{outcome.skipped} job(s) already recorded in {store.path}; skipped")
+        if todo:
+            if not we_started:
+                we_started = _start_ray(options)
+            _run_jobs(todo, store, options, outcome, say)
+    except KeyboardInterrupt:
+        say(f"interrupted: finished jobs are in {store.path}; rerun the same command to resume the others")
+        raise
+    finally:
+        if we_started:
+            _ray().shutdown()
+    if options.reports and store.path.exists():
+        try:
+            from harness.report import write_reports
+
+            outcome.reports = [str(p) for p in write_reports(store.root)]
+        except Exception as exc:  # the results are safe in runs.jsonl; the report can be redone
+            say(f"warning: could not write the reports ({one_line(exc)}); "
+                f"run `python -m harness plot/table {store.root}`")
+    outcome.wall_seconds = time.time() - started
+    return outcome
+
+
+def _probe_hardware(request: planning.PlanRequest) -> planning.Hardware:
+    """Runs on a GPU worker of a cluster: the same probe ``plan`` makes locally."""
+    scale = planning.SCALES["pythia"]
+    train = planning._train_config(scale, scale.sizes[0])
+    return planning.detect_hardware(scale, train, scale.vocab_size, mfu=request.mfu)
+
+
+def _run_jobs(todo: list[planning.PlannedJob], store: ResultsStore, options: SweepOptions, outcome: SweepOutcome,
+              say) -> None:
+    from tqdm.auto import tqdm
+
+    ray = _ray()
+    gpus, slots = _cluster_slots(options)
+    token = uuid.uuid4().hex
+    task = ray.remote(execute_job).options(
+        num_cpus=options.cpus_per_job, num_gpus=1 if gpus else 0, max_retries=options.retries,
+        retry_exceptions=True)
+    say(f"running {len(todo)} job(s) on Ray: {slots} at once ({'1 GPU' if gpus else f'{options.cpus_per_job} CPU'} "
+        f"per job); results -> {store.path}")
+    root = str(store.root.resolve())  # workers may run elsewhere (a cluster's working_dir): no relative paths
+    pending = {task.remote(j.job.to_dict(), root, token, options.tasks, options.num_fewshot,
+                           options.task_limit, options.cpus_per_job): j for j in todo}
+    bar = tqdm(total=len(todo), desc="sweep", unit="job", dynamic_ncols=True, disable=not options.progress,
+               file=sys.stderr)
+    shown = None
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+            for ref in ready:
+                planned = pending.pop(ref)
+                try:
+                    record = ray.get(ref)
+                except ray.exceptions.RayError as exc:  # retries exhausted (crash, kill, unexpected error)
+                    record = failed_record(planned.job, _failure_message(exc), attempt=options.retries + 1)
+                store.append(record)  # the worker appended ok records already: this is then a no-op
+                outcome.ran += 1
+                if record.get("status") == OK:
+                    outcome.ok += 1
+                else:
+                    outcome.failed += 1
+                bar.write(_describe(record), file=sys.stderr)
+                bar.update(1)
+            counts = {"done": outcome.ok, "running": _running(pending, store, token), "failed": outcome.failed}
+            if counts != shown:  # redraw on change only: a log file gets one line per change, not per poll
+                bar.set_postfix(counts, refresh=True)
+                shown = counts
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    planning.add_request_arguments(parser, budget_required=False)
+    parser.set_defaults(rungs=None)
+    parser.add_argument("--out", default=None, help="sweep folder (default results/sweep_<budget>_<match>)")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    parser.add_argument("--cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
+    parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="retries of a crashed job")
+    parser.add_argument("--tasks", default="", help="downstream tasks after training (python -m harness tasks)")
+    parser.add_argument("--num-fewshot", type=int, default=0)
+    parser.add_argument("--task-limit", type=int, default=None, help="documents per downstream task")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    parser.add_argument("--yes", action="store_true", help="run even if the plan exceeds the hardware found")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="forward the workers' logs")
+
+
+def _default_out(budget: float, match: str) -> str:
+    mantissa, exponent = f"{budget:.2e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return os.path.join("results", f"sweep_{mantissa}e{int(exponent)}_{match}")
+
+
+def run(args: argparse.Namespace) -> int:
+    default = args.budget is None
+    budget = DEFAULT_SWEEP["budget"] if default else args.budget
+    if args.rungs is None:
+        args.rungs = DEFAULT_SWEEP["rungs"] if default else planning.DEFAULT_RUNGS
+    if args.retries < 0:
+        raise SweepError(f"--retries {args.retries}: must be >= 0")
+    request = planning.request_from_args(args, budget=budget)
+    if default:
+        print(f"default sweep: every registered method at {budget:.3g} FLOPs on the embedded corpus, downstream "
+              f"{','.join(DEFAULT_SWEEP['tasks'])} on {DEFAULT_SWEEP['task_limit']} documents each "
+              "(pass --budget for another sweep)", flush=True)
+    tasks = planning._csv(args.tasks) or (list(DEFAULT_SWEEP["tasks"]) if default else [])
+    task_limit = args.task_limit if args.task_limit is not None or not default else DEFAULT_SWEEP["task_limit"]
+    options = SweepOptions(
+        out=args.out or _default_out(budget, args.match), address=args.address, cpus=args.cpus,
+        cpus_per_job=args.cpus_per_job, retries=args.retries, tasks=tasks, num_fewshot=args.num_fewshot,
+        task_limit=task_limit, dry_run=args.dry_run, yes=args.yes, progress=not args.no_progress,
+        verbose=args.verbose)
+    outcome = sweep(request, options)
+    if options.dry_run:
+        return 0
+    print(f"sweep: {outcome.ok} ok, {outcome.failed} failed, {outcome.skipped} already done, "
+          f"in {outcome.wall_seconds / 60:.1f} min; results in {ResultsStore(options.out).path}")
+    for path in outcome.reports:
+        print(f"wrote {path}")
+    return 1 if outcome.failed else 0
+
+
+__all__ = ["DEFAULT_SWEEP", "SweepOptions", "SweepOutcome", "execute_job", "sweep"]

@@ -1,0 +1,311 @@
+"""Sweeps: the planner's budget matching, the kill-safe results store, and Ray runs that survive kills.
+
+Ray starts once for this module (slow on 2 cores) and is shut down at its end; the sweeps use the
+pico rung on a small corpus with 32-token sequences, so each job trains in a few seconds.
+"""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from harness import plan as planning
+from harness.results import ResultsStore, failed_record, ok_record
+from harness.sweep import SweepOptions, sweep
+from harness.train import Job
+
+TINY = ["data.vocab_size=512", "train.seq_len=32", "train.batch_size=4", "train.checkpoint_every=5",
+        "train.log_every=5", "train.eval_tokens=1024"]
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+
+
+def _request(corpus, methods, budget, *extra):
+    return planning.PlanRequest(budget=budget, methods=methods, sizes=["pico"],
+                                overrides=[f"data.source={corpus}", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield ray
+    ray.shutdown()
+
+
+def _read(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _job_state(folder):
+    """(method, checkpoint step, worker pid) of a job folder, None for what is not written yet."""
+    job, state, worker = (_read(folder / "job.json"), _read(folder / "checkpoint" / "state.json"),
+                          _read(folder / "worker.json"))
+    return ((job or {}).get("method"), (state or {}).get("step"), (worker or {}).get("pid"))
+
+
+def _alive(pid):
+    """Running and not a zombie (a killed worker stays in /proc until its parent reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# the planner
+
+
+def test_plan_1e20_matches_the_budget_within_two_percent():
+    out = cli("plan", "--budget", "1e20", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    jobs = plan["jobs"]
+    assert {j["method"] for j in jobs} >= {"vanilla", "ponderlm2", "ponderlm3"}
+    for j in jobs:
+        assert abs(j["train_flops"] / 1e20 - 1) < 0.02, j
+        assert j["tokens"] == j["steps"] * j["batch_size"] * j["seq_len"]
+        assert j["train_flops"] == pytest.approx(j["tokens"] * j["train_flops_per_token"])
+        assert j["size"] in ("70m", "160m", "410m", "1b", "1.4b", "2.8b")
+        assert j["job"]["train"]["seq_len"] == 2048 and j["job"]["tags"]["match"] == "train-flops"
+        assert j["hours"] > 0 and j["memory_bytes"] > 16 * j["params"]
+    # a method that costs more per token is given smaller rungs by the IsoFLOP rule
+    biggest = {m: max(j["params"] for j in jobs if j["method"] == m) for m in ("vanilla", "ponderlm3")}
+    assert biggest["ponderlm3"] < biggest["vanilla"]
+    assert plan["device_hours"] == pytest.approx(sum(j["hours"] for j in jobs))
+
+
+def test_plan_tokens_mode_gives_every_method_vanillas_tokens():
+    request = planning.PlanRequest(budget=1e20, methods=["vanilla", "ponderlm2", "looped"], match="tokens", gpu="h100")
+    plan = planning.make_plan(request)
+    by_size = {}
+    for j in plan.jobs:
+        by_size.setdefault(j.size, {})[j.method] = j
+    assert len(by_size) == planning.DEFAULT_RUNGS
+    for jobs in by_size.values():
+        vanilla = jobs["vanilla"]
+        assert abs(vanilla.train_flops / 1e20 - 1) < 0.02
+        for j in jobs.values():
+            assert j.tokens == vanilla.tokens and j.job.tags["match"] == "tokens"
+            # the trainer's rounding gives back exactly the planned steps
+            per_step = j.train_flops_per_token * j.batch_size * j.seq_len
+            assert round(j.job.budget / per_step) == j.steps
+        assert jobs["ponderlm2"].train_flops > 2 * vanilla.train_flops
+    assert "h100" in plan.hardware.basis and "MFU 0.4" in plan.hardware.basis
+
+
+def test_plan_small_budget_shrinks_batch_to_stay_within_two_percent():
+    plan = planning.make_plan(planning.PlanRequest(budget=1e11, methods=["vanilla", "ponderlm3"],
+                                                   sizes=["pico", "nano"], gpu="a100"))
+    for j in plan.jobs:
+        assert j.steps >= planning.MIN_STEPS and abs(j.budget_error) < 0.02, j
+    shrunk = [j for j in plan.jobs if j.batch_size < 16]
+    assert shrunk and all(j.job.train.batch_size == j.batch_size for j in shrunk)
+
+
+def test_plan_errors_are_one_line(tmp_path):
+    with pytest.raises(planning.PlanError, match="mixes CPU and Pythia"):
+        planning.make_plan(planning.PlanRequest(budget=1e12, sizes=["pico", "70m"], gpu="h100"))
+    with pytest.raises(planning.ConfigError, match="unknown method 'nope'"):
+        planning.make_plan(planning.PlanRequest(budget=1e12, methods=["nope"], gpu="h100"))
+    with pytest.raises(planning.PlanError, match="nothing to run"):
+        planning.make_plan(planning.PlanRequest(budget=10.0, methods=["vanilla"], sizes=["pico"], gpu="h100"))
+    out = cli("sweep", "--budget", "1e20", "--methods", "vanilla", "--out", str(tmp_path / "never"))
+    assert out.returncode == 2 and "--yes" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "never").exists()  # stopped before anything ran
+
+
+def test_vary_adds_a_job_per_value():
+    plan = planning.make_plan(planning.PlanRequest(
+        budget=1e12, methods=["ponderlm3"], sizes=["pico"], vary=["ponderlm3:compute_penalty=0.001,0.1"], gpu="l4"))
+    assert [j.job.model["compute_penalty"] for j in plan.jobs] == ["0.001", "0.1"]
+    assert len({j.job_id for j in plan.jobs}) == 2 and plan.jobs[0].variant == "compute_penalty=0.001"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the results store
+
+
+def _job(method="vanilla", seed=0):
+    return Job(method=method, budget=1e9, size="pico", seed=seed)
+
+
+def test_store_skips_torn_lines_and_duplicates(tmp_path):
+    store = ResultsStore(tmp_path)
+    first = ok_record(_job(), {"val_ppl": 10.0})
+    assert store.append(first)
+    assert not store.append(first)  # the same finished job is never stored twice
+    with open(store.path, "ab") as handle:  # a kill in the middle of a write
+        handle.write(b'{"job_id": "abc", "status": "o')
+    assert [r["job_id"] for r in store.records()] == [first["job_id"]] and store.skipped_lines == 1
+    second = failed_record(_job(seed=1), "RuntimeError: boom")
+    assert store.append(second)  # ends the torn line first, so this record stays whole
+    assert [r["job_id"] for r in store.records()] == [first["job_id"], second["job_id"]]
+    assert store.finished_ids() == {first["job_id"]}
+    retried = ok_record(_job(seed=1), {"val_ppl": 9.0})
+    assert store.append(retried) and store.latest()[retried["job_id"]]["status"] == "ok"
+    with_scores = ok_record(_job(), {"val_ppl": 10.0, "downstream": {"piqa": {"acc": 0.5}}})
+    assert store.append(with_scores)  # adds downstream scores: stored, and it wins
+    assert store.latest()[first["job_id"]]["downstream"]["piqa"]["acc"] == 0.5
+    assert not store.append(ok_record(_job(), {"val_ppl": 10.0}))
+    nan = ok_record(_job(seed=2), {"val_ppl": float("nan")})
+    store.append(nan)
+    assert store.latest()[nan["job_id"]]["val_ppl"] is None  # strict JSON: NaN stored as null
+
+
+APPEND_MANY = """
+import sys
+from harness.results import ResultsStore
+store = ResultsStore(sys.argv[1])
+for i in range(40):
+    store.append({"job_id": f"{sys.argv[2]}-{i}", "status": "ok", "payload": "x" * 5000})
+"""
+
+
+def test_store_appends_from_parallel_processes_stay_whole(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", APPEND_MANY, str(tmp_path), str(w)]) for w in range(3)]
+    assert all(p.wait(60) == 0 for p in procs)
+    store = ResultsStore(tmp_path)
+    ids = [r["job_id"] for r in store.records()]
+    assert len(ids) == 120 == len(set(ids)) and store.skipped_lines == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray
+
+
+def test_killed_worker_resumes_and_every_job_is_recorded_once(tmp_path, small_corpus, ray_local):
+    out = tmp_path / "sweep"
+    request = _request(small_corpus, ["vanilla", "looped"], 9e9)
+    victim = {}
+
+    def kill_looped_mid_job():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            for folder in (out / "jobs").glob("*"):
+                method, step, pid = _job_state(folder)
+                if method == "looped" and step is not None and step >= 10 and pid:
+                    os.kill(pid, signal.SIGKILL)
+                    victim.update(job_id=folder.name, step=step)
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_looped_mid_job, daemon=True)
+    killer.start()
+    outcome = sweep(request, SweepOptions(out=str(out), progress=False, reports=False, retries=2))
+    killer.join(5)
+    assert victim, "the looped job finished before the test could kill it"
+    assert (outcome.ok, outcome.failed, outcome.skipped) == (2, 0, 0)
+    records = ResultsStore(out).records()
+    assert sorted(r["job_id"] for r in records) == sorted(j.job_id for j in outcome.plan.jobs)  # once each
+    resumed = next(r for r in records if r["job_id"] == victim["job_id"])
+    assert resumed["attempt"] == 2 and resumed["resumed_from_step"] >= victim["step"]
+    planned = next(j for j in outcome.plan.jobs if j.job_id == victim["job_id"])
+    assert resumed["train_steps"] == planned.steps and abs(resumed["train_flops"] / 9e9 - 1) < 0.02
+    steps = [json.loads(line)["step"] for line in (out / "jobs" / victim["job_id"] / "metrics.jsonl").open()]
+    assert steps == sorted(set(steps))  # the resumed run continued the curve, no step twice
+
+    before = (out / "runs.jsonl").read_bytes()
+    again = sweep(request, SweepOptions(out=str(out), progress=False, reports=False))
+    assert (again.skipped, again.ran) == (2, 0)
+    assert (out / "runs.jsonl").read_bytes() == before
+
+
+def test_failed_jobs_are_recorded_and_the_others_finish(tmp_path, small_corpus, ray_local):
+    out = tmp_path / "sweep"
+    # looped diverges (a user error: recorded at once); every worker that runs pause is killed
+    # (a crash: retried once, then recorded); vanilla must finish regardless
+    request = _request(small_corpus, ["vanilla", "looped", "pause"], 3e9, "looped:train.lr=1e9")
+    stop, killed = threading.Event(), set()
+
+    def kill_every_pause_worker():
+        while not stop.is_set():
+            for folder in (out / "jobs").glob("*"):
+                method, _, pid = _job_state(folder)
+                if method == "pause" and pid and pid not in killed:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    killed.add(pid)
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_every_pause_worker, daemon=True)
+    killer.start()
+    try:
+        # lambada's perplexity stderr is bootstrapped by lm-eval: in a Ray worker it must not fork
+        outcome = sweep(request, SweepOptions(out=str(out), progress=False, retries=1, tasks=["lambada"],
+                                              task_limit=4))
+    finally:
+        stop.set()
+        killer.join(5)
+    assert (outcome.ok, outcome.failed) == (1, 2)
+    latest = {r["method"]: r for r in ResultsStore(out).latest().values()}
+    assert latest["vanilla"]["status"] == "ok" and "downstream_error" not in latest["vanilla"]
+    assert latest["vanilla"]["downstream"]["lambada"]["n_docs"] == 4
+    assert latest["looped"]["status"] == "failed"
+    assert latest["looped"]["error"].startswith("TrainingError: looped: loss became nan")
+    assert latest["pause"]["status"] == "failed" and len(killed) == 2  # first try and one retry
+    assert "Worker" in latest["pause"]["error"] and "\n" not in latest["pause"]["error"]
+    table = (out / "table.md").read_text()
+    assert "Failed jobs" in table and "loss became nan" in table and "| vanilla | pico |" in table
+    assert "lambada acc" in table
+    assert (out / "pareto_inference_flops.png").stat().st_size > 10_000
+
+
+def test_sweep_killed_with_sigkill_loses_nothing_and_resumes(tmp_path, small_corpus, ray_local):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--budget", "9e9", "--methods", "vanilla,looped", "--sizes", "pico", "--out", str(out),
+            "--cpus", "1", "--no-progress", "--set", f"data.source={small_corpus}", *[f"--set={s}" for s in TINY]]
+    proc = subprocess.Popen([sys.executable, "-m", "harness", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    deadline, stage = time.time() + 300, None
+    try:
+        # one CPU: the jobs run one after the other; kill once the first is stored and the second has
+        # written a checkpoint
+        while time.time() < deadline and proc.poll() is None:
+            finished = ResultsStore(out).finished_ids() if (out / "runs.jsonl").exists() else set()
+            running = [f for f in (out / "jobs").glob("*") if f.name not in finished and (_job_state(f)[1] or 0) >= 5]
+            if finished and running:
+                stage = (finished, running[0].name)
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert stage, "the sweep ended before it could be killed"
+    finished, interrupted = stage
+    # Ray's workers are not in the driver's process group and outlive it for a while (the job lock
+    # makes a rerun wait for them); kill this one too, as a machine going down would
+    worker = _job_state(out / "jobs" / interrupted)[2]
+    try:
+        os.kill(worker, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    while _alive(worker) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not (out / "jobs" / interrupted / "result.json").exists()
+
+    outcome = sweep(_request(small_corpus, ["vanilla", "looped"], 9e9),
+                    SweepOptions(out=str(out), progress=False, reports=False))
+    assert (outcome.skipped, outcome.ok) == (1, 1)
+    records = ResultsStore(out).records()
+    assert sorted(r["job_id"] for r in records) == sorted(j.job_id for j in outcome.plan.jobs)
+    resumed = next(r for r in records if r["job_id"] == interrupted)
+    assert resumed["resumed_from_step"] >= 5
