@@ -309,3 +309,22 @@ def test_sweep_killed_with_sigkill_loses_nothing_and_resumes(tmp_path, small_cor
     assert sorted(r["job_id"] for r in records) == sorted(j.job_id for j in outcome.plan.jobs)
     resumed = next(r for r in records if r["job_id"] == interrupted)
     assert resumed["resumed_from_step"] >= 5
+
+
+def test_third_party_plugin_is_swept_without_harness_changes(tmp_path, small_corpus):
+    """The example package (tests/plugin_example), visible only through its entry point, is planned,
+    trained on Ray and reported like an in-tree method."""
+    from tests.plugin_support import install_example_plugin
+
+    env = install_example_plugin(tmp_path / "site")
+    out = tmp_path / "sweep"
+    done = subprocess.run(
+        [sys.executable, "-m", "harness", "sweep", "--budget", "3e9", "--methods", "wide_head,vanilla",
+         "--sizes", "pico", "--out", str(out), "--cpus", "2", "--no-progress",
+         "--set", f"data.source={small_corpus}", *[f"--set={s}" for s in TINY]],
+        capture_output=True, text=True, timeout=600, env={**env, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = {r["method"]: r for r in ResultsStore(out).records()}
+    assert records["wide_head"]["status"] == "ok" and records["vanilla"]["status"] == "ok"
+    assert records["wide_head"]["val_ppl"] > 1
+    assert "wide_head" in (out / "table.md").read_text()
