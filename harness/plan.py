@@ -99,11 +99,11 @@ SCALES: dict[str, Scale] = {
                  "CPU rungs, TrainConfig defaults: seq_len 128, 16 sequences per step, BPE vocabulary 8192"),
     "pythia": Scale(
         "pythia", PYTHIA_SIZES,
-        {"seq_len": 2048, "batch_size": 16, "warmup_fraction": 0.01, "min_lr_ratio": 0.1, "weight_decay": 0.01,
+        {"seq_len": 2048, "batch_size": 8, "grad_accum": 128, "warmup_fraction": 0.01, "min_lr_ratio": 0.1, "weight_decay": 0.01,
          "eval_tokens": 262144, "eval_batch_size": 8, "checkpoint_every": 1000},
         50304,
-        "Pythia rungs: seq_len 2048, 16 sequences (32,768 tokens) per step (Pythia: 1024 sequences; here one "
-        "GPU per job and TrainConfig has no gradient accumulation), Pythia's lr per rung, 1% warm-up, cosine "
+        "Pythia rungs: seq_len 2048, 1024 sequences (2M tokens) per step as Pythia, in 128 micro-batches of "
+        "8 on one GPU per job, Pythia's lr per rung, 1% warm-up, cosine "
         "to 10%, weight decay 0.01, vocabulary 50304 (Pythia's padded size)",
         {size: {"lr": lr} for size, lr in PYTHIA_LR.items()}),
 }
@@ -186,7 +186,7 @@ def _model_step_probe(size: str, train: TrainConfig, vocab_size: int, threads: i
             step()
             runs += 1
         elapsed = time.perf_counter() - started
-        tokens = runs * train.batch_size * train.seq_len
+        tokens = runs * train.batch_size * train.seq_len  # the probe runs one micro-batch a step
         return tokens * model.train_flops_per_token(train.seq_len) / elapsed
     finally:
         torch.set_num_threads(previous)
@@ -334,7 +334,8 @@ class PlannedJob:
     non_embedding_params: int
     train_flops_per_token: float
     infer_flops_per_token_max: float
-    batch_size: int
+    batch_size: int  # sequences per micro-batch
+    grad_accum: int  # micro-batches per step
     seq_len: int
     steps: int
     tokens: int
@@ -540,11 +541,12 @@ def make_plan(request: PlanRequest, hardware: Hardware | None = None) -> Plan:
         notes.append(vocab_note)
 
     def sized_steps(flops_per_token: float, train: TrainConfig, fixed: bool, spend: float) -> tuple[TrainConfig, int]:
-        steps = _steps(flops_per_token * train.batch_size * train.seq_len, spend)
+        steps = _steps(flops_per_token * train.tokens_per_step, spend)
         if steps < MIN_STEPS and not fixed:
-            batch = max(1, min(train.batch_size, int(spend // (flops_per_token * train.seq_len * MIN_STEPS))))
+            per_sequence = flops_per_token * train.seq_len * train.grad_accum
+            batch = max(1, min(train.batch_size, int(spend // (per_sequence * MIN_STEPS))))
             train = dataclasses.replace(train, batch_size=batch)
-            steps = _steps(flops_per_token * batch * train.seq_len, spend)
+            steps = _steps(flops_per_token * train.tokens_per_step, spend)
         return train, steps
 
     def candidates(method: str, model: dict[str, str]) -> list[tuple[str, Counts]]:
@@ -597,11 +599,11 @@ def make_plan(request: PlanRequest, hardware: Hardware | None = None) -> Plan:
                     ref_model, ref_train, _, _ = settings(REFERENCE_METHOD, size)
                     ref_train, ref_steps = sized_steps(ref.train_flops_per_token, ref_train,
                                                        batch_fixed(REFERENCE_METHOD), budget)
-                    tokens_bought = ref_steps * ref_train.batch_size * ref_train.seq_len
+                    tokens_bought = ref_steps * ref_train.tokens_per_step
                     if not batch_fixed(method):
                         train = dataclasses.replace(train, batch_size=ref_train.batch_size)
-                    steps = max(1, round(tokens_bought / (train.batch_size * train.seq_len)))
-                    spend = steps * train.batch_size * train.seq_len * c.train_flops_per_token
+                    steps = max(1, round(tokens_bought / train.tokens_per_step))
+                    spend = steps * train.tokens_per_step * c.train_flops_per_token
                 else:
                     train, steps = sized_steps(c.train_flops_per_token, train, batch_fixed(method), budget)
                     spend = budget
@@ -609,7 +611,7 @@ def make_plan(request: PlanRequest, hardware: Hardware | None = None) -> Plan:
                     skipped.append(f"{method}/{size}: the budget buys less than one sequence of {train.seq_len} "
                                    f"tokens ({c.train_flops_per_token * train.seq_len:.3g} FLOPs)")
                     continue
-                tokens = steps * train.batch_size * train.seq_len
+                tokens = steps * train.tokens_per_step
                 planned_flops = tokens * c.train_flops_per_token
                 error = planned_flops / budget - 1 if request.match == "train-flops" else 0.0
                 if abs(error) > BUDGET_TOLERANCE:
@@ -629,7 +631,7 @@ def make_plan(request: PlanRequest, hardware: Hardware | None = None) -> Plan:
                         job=job, job_id=job.job_id(), method=method, variant=tags.get("variant", ""), size=size,
                         seed=seed, params=c.params, non_embedding_params=c.non_embedding_params,
                         train_flops_per_token=c.train_flops_per_token,
-                        infer_flops_per_token_max=c.infer_flops_per_token_max, batch_size=train.batch_size,
+                        infer_flops_per_token_max=c.infer_flops_per_token_max, batch_size=train.batch_size, grad_accum=train.grad_accum,
                         seq_len=train.seq_len, steps=steps, tokens=tokens, train_flops=planned_flops,
                         budget_error=error, chinchilla_tokens=CHINCHILLA_TOKENS_PER_PARAM * c.params, hours=0.0,
                         memory_bytes=_memory(c, ref, train, vocab, bf16=False)))
@@ -699,7 +701,7 @@ def format_plan(plan: Plan) -> str:
     rows = []
     for j in plan.jobs:
         name = j.method + (f" [{j.variant}]" if j.variant else "") + (f" s{j.seed}" if r.seeds > 1 else "")
-        rows.append((name, j.size, _si(j.params), str(j.batch_size), f"{j.steps:,}", _si(j.tokens),
+        rows.append((name, j.size, _si(j.params), (str(j.batch_size) if j.grad_accum == 1 else f"{j.batch_size}x{j.grad_accum}"), f"{j.steps:,}", _si(j.tokens),
                      f"{j.tokens / j.params:.2g}", f"{j.train_flops:.3g}",
                      f"{j.train_flops / r.budget - 1:+.1%}", _si(j.train_flops_per_token), _hours(j.hours),
                      _si(j.memory_bytes, "B")))

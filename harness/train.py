@@ -47,7 +47,8 @@ class TrainConfig:
     """Optimisation and evaluation settings shared by every method (set with ``--set train.X=...``)."""
 
     seq_len: int = 128  # tokens per training sequence
-    batch_size: int = 16  # sequences per step
+    batch_size: int = 16  # sequences per micro-batch (what must fit in memory)
+    grad_accum: int = 1  # micro-batches per optimizer step: a step sees batch_size x grad_accum sequences
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_fraction: float = 0.05
@@ -63,7 +64,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
 
     def __post_init__(self) -> None:
-        positive = ("seq_len", "batch_size", "checkpoint_every", "log_every", "eval_batch_size")
+        positive = ("seq_len", "batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_batch_size")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r}: must be positive")
@@ -78,6 +79,11 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r}: out of range "
                                   "(see harness/train.py TrainConfig)")
+
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
 
 
 @dataclass
@@ -220,14 +226,14 @@ def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bo
     model = make_model(job, corpus.tokenizer.vocab_size).to(device)
     cfg = job.train
 
-    tokens_per_step = cfg.batch_size * cfg.seq_len
+    tokens_per_step = cfg.tokens_per_step
     flops_per_token = model.train_flops_per_token(cfg.seq_len)
     steps = round(job.budget / (flops_per_token * tokens_per_step))
     if steps < 1:
         raise TrainingError(
             f"budget {job.budget:.3g} FLOPs buys less than one step of {job.method} at size {job.size} "
             f"({flops_per_token * tokens_per_step:.3g} FLOPs per step); raise --budget or lower "
-            "train.batch_size / train.seq_len")
+            "train.batch_size / train.grad_accum / train.seq_len")
     if len(corpus.train) < cfg.seq_len + 2:
         raise TrainingError(f"training split has {len(corpus.train)} tokens, fewer than one sequence of "
                             f"{cfg.seq_len}; use more data or a smaller train.seq_len")
@@ -259,21 +265,28 @@ def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bo
     with ledger, open(metrics_file, "a") as metrics:
         for step in range(start_step, steps):
             torch.manual_seed(step_seed(job.seed, step))
-            inputs, targets = batch_at(corpus.train, step, cfg.batch_size, cfg.seq_len, job.seed)
-            inputs, targets = inputs.to(device), targets.to(device)
             lr = lr_at(step, steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast_for(device, cfg.precision):
-                output = model(inputs, targets)
-            loss_value = output.loss.item()
-            if not math.isfinite(loss_value):
-                bar.close()
-                raise TrainingError(
-                    f"{job.method}: loss became {loss_value} at step {step} (lr {lr:.3g}); lower train.lr or "
-                    f"set train.grad_clip>0; the last good checkpoint (step {_checkpoint_step(ckpt_dir)}) is kept")
             optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
+            loss_value, lm_loss_value, stats = 0.0, 0.0, {}
+            for micro in range(cfg.grad_accum):  # micro-batch index step*A+m: A=1 is plain step indexing
+                inputs, targets = batch_at(corpus.train, step * cfg.grad_accum + micro, cfg.batch_size,
+                                           cfg.seq_len, job.seed)
+                with autocast_for(device, cfg.precision):
+                    output = model(inputs.to(device), targets.to(device))
+                micro_loss = output.loss.item()
+                if not math.isfinite(micro_loss):
+                    bar.close()
+                    raise TrainingError(
+                        f"{job.method}: loss became {micro_loss} at step {step} (lr {lr:.3g}); lower train.lr "
+                        f"or set train.grad_clip>0; the last good checkpoint (step {_checkpoint_step(ckpt_dir)}) "
+                        "is kept")
+                (output.loss / cfg.grad_accum).backward()
+                loss_value += micro_loss / cfg.grad_accum
+                lm_loss_value += output.lm_loss.item() / cfg.grad_accum
+                for k, v in output.stats.items():
+                    stats[k] = stats.get(k, 0.0) + float(v) / cfg.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
             optimizer.step()
@@ -287,9 +300,8 @@ def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bo
                 seconds += now - step_timer
                 step_timer, window_tokens = now, 0
                 record = {"step": done, "tokens": done * tokens_per_step, "loss": loss_value,
-                          "lm_loss": output.lm_loss.item(), "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_second": rate, "train_flops": ledger.totals.train_flops,
-                          **{k: float(v) for k, v in output.stats.items()}}
+                          "lm_loss": lm_loss_value, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_second": rate, "train_flops": ledger.totals.train_flops, **stats}
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")

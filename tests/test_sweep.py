@@ -79,7 +79,7 @@ def test_plan_1e20_matches_the_budget_within_two_percent():
     assert {j["method"] for j in jobs} >= {"vanilla", "ponderlm2", "ponderlm3"}
     for j in jobs:
         assert abs(j["train_flops"] / 1e20 - 1) < 0.02, j
-        assert j["tokens"] == j["steps"] * j["batch_size"] * j["seq_len"]
+        assert j["tokens"] == j["steps"] * j["batch_size"] * j["grad_accum"] * j["seq_len"]
         assert j["train_flops"] == pytest.approx(j["tokens"] * j["train_flops_per_token"])
         assert j["size"] in ("70m", "160m", "410m", "1b", "1.4b", "2.8b")
         assert j["job"]["train"]["seq_len"] == 2048 and j["job"]["tags"]["match"] == "train-flops"
@@ -103,7 +103,7 @@ def test_plan_tokens_mode_gives_every_method_vanillas_tokens():
         for j in jobs.values():
             assert j.tokens == vanilla.tokens and j.job.tags["match"] == "tokens"
             # the trainer's rounding gives back exactly the planned steps
-            per_step = j.train_flops_per_token * j.batch_size * j.seq_len
+            per_step = j.train_flops_per_token * j.batch_size * j.grad_accum * j.seq_len
             assert round(j.job.budget / per_step) == j.steps
         assert jobs["ponderlm2"].train_flops > 2 * vanilla.train_flops
     assert "h100" in plan.hardware.basis and "MFU 0.4" in plan.hardware.basis

@@ -150,3 +150,12 @@ def test_eval_reproduces_saved_result(tmp_path):
     again = json.loads(out.stdout)
     assert again["val_loss"] == pytest.approx(result["val_loss"], abs=1e-6)
     assert again["infer_flops_per_token"] == result["infer_flops_per_token"]
+
+
+def test_gradient_accumulation_counts_every_micro_batch(tmp_path):
+    plain = train_job(_job(), tmp_path / "plain", progress=False)
+    accumulated = train_job(_job(batch_size=2, grad_accum=2), tmp_path / "accum", progress=False)
+    # same sequences per step (4 = 2 x 2), so the same steps and tokens, and the budget is still matched
+    assert accumulated["train_steps"] == plain["train_steps"]
+    assert accumulated["train_tokens"] == plain["train_tokens"]
+    assert abs(accumulated["train_flops"] - accumulated["budget"]) / accumulated["budget"] < 0.02
