@@ -36,7 +36,7 @@ def _swiglu_width(d_model: int, multiple: int = 64) -> int:
     return multiple * math.ceil(8 * d_model / 3 / multiple)
 
 
-# CPU rungs keep non-embedding parameters well under 1M so a 2-core machine trains them in minutes,
+# CPU rungs keep block parameters well under 1M so a 2-core machine trains them in minutes,
 # with at least 3 layers so Mixture-of-Recursions has unshared first/last layers around a shared middle;
 # the Pythia rungs copy Pythia's width, depth and heads (LLaMA-style MLP of equal parameter count).
 SIZES: dict[str, Size] = {
