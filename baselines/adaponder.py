@@ -232,7 +232,7 @@ class AdaPonder(LanguageModel):
         b, n = input_ids.shape
         caches = cache.iterations
         start = caches[0].length
-        positions = torch.arange(start, start + n, device=input_ids.device).expand(b, n)
+        positions = self.decoder.positions_after(start, b, n, input_ids.device)
         running = torch.ones(b, n, dtype=torch.bool, device=input_ids.device) if valid is None else valid.clone()
         x_in = self._first_input(input_ids)
         h = dec.run_blocks(x_in, dec.plan(positions, cache=caches[0], key_valid=valid))  # iteration 1

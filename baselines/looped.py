@@ -77,7 +77,7 @@ class Looped(LanguageModel):
     def decode(self, input_ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> DecodeOutput:
         b, n = input_ids.shape
         # one slot per token, shared by every loop's stack: slot index = RoPE position here
-        positions = torch.arange(cache.length, cache.length + n, device=input_ids.device).expand(b, n)
+        positions = self.decoder.positions_after(cache.length, b, n, input_ids.device)
         plan = self.decoder.plan(positions, cache=cache, key_valid=valid)
         logits = self.decoder.head(self._run(input_ids, plan), valid)
         return DecodeOutput(logits, constant_steps(input_ids, self.config.loops))

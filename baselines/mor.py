@@ -198,7 +198,7 @@ class MixtureOfRecursions(LanguageModel):
         cfg, dec = self.config, self.decoder
         b, n = input_ids.shape
         offset = 0 if cache is None else cache.main.length
-        positions = torch.arange(offset, offset + n, device=input_ids.device).expand(b, n)
+        positions = self.decoder.positions_after(offset, b, n, input_ids.device)
         live = torch.ones(b, n, dtype=torch.bool, device=input_ids.device) if valid is None else valid
         plan = dec.plan(positions, cache=None if cache is None else cache.main, key_valid=valid)
         x = dec.run_blocks(dec.embed(input_ids), plan, layers=self.first)

@@ -23,7 +23,6 @@ Compute: (K+1) T block positions over a (K+1) T causal context, plus T heads.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +58,7 @@ class Pause(LanguageModel):
         super().__init__(config)
         cfg = config
         # Same init rule as the token-embedding rows (Decoder.reset_parameters); scaled at use.
-        std = math.sqrt(2.0 / (5.0 * cfg.d_model)) if cfg.ponder_init else cfg.init_std
-        self.pause_embeddings = nn.Parameter(torch.randn(cfg.pause_tokens, cfg.d_model) * std)
+        self.pause_embeddings = nn.Parameter(torch.randn(cfg.pause_tokens, cfg.d_model) * cfg.weight_std)
 
     @property
     def group(self) -> int:

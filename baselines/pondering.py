@@ -130,7 +130,7 @@ class Pondering(LanguageModel):
 
     def decode(self, input_ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> DecodeOutput:
         b, n = input_ids.shape
-        positions = torch.arange(cache.length, cache.length + n, device=input_ids.device).expand(b, n)
+        positions = self.decoder.positions_after(cache.length, b, n, input_ids.device)
         plan = self.decoder.plan(positions, cache=cache, key_valid=valid)
         return DecodeOutput(self._run(input_ids, plan, valid), constant_steps(input_ids, self.config.ponder_steps))
 

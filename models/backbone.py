@@ -365,7 +365,7 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         cfg = self.cfg
-        std = math.sqrt(2.0 / (5.0 * cfg.d_model)) if cfg.ponder_init else cfg.init_std
+        std = cfg.weight_std
         out_std = std / math.sqrt(2.0 * cfg.n_layers) if cfg.ponder_init else std
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name == "norm.weight":
@@ -481,6 +481,11 @@ class Decoder(nn.Module):
         mask = torch.where(allowed, bias.float()[:, None, :].expand_as(allowed), floor)[:, None]
         return AttentionPlan(cos, sin_signed, mask, False, n_queries, key_pairs, cache, start)
 
+    @staticmethod
+    def positions_after(start: int, batch_size: int, n: int, device: torch.device | str) -> torch.Tensor:
+        """RoPE positions [B, n] of n new tokens that follow ``start`` earlier ones."""
+        return torch.arange(start, start + n, device=device).expand(batch_size, n)
+
     def run_blocks(self, x: torch.Tensor, plan: AttentionPlan, layers: range | None = None,
                    cache_layer_offset: int = 0) -> torch.Tensor:
         """Residual stream through ``layers`` (default all); cache layer index = offset + position."""
@@ -505,7 +510,7 @@ class Decoder(nn.Module):
         """The normalised final hidden states [B, n, d] that :meth:`forward` feeds to the LM head."""
         if positions is None:
             offset = 0 if cache is None else cache.length
-            positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
+            positions = self.positions_after(offset, input_ids.shape[0], input_ids.shape[1], input_ids.device)
         plan = self.plan(positions.expand(input_ids.shape[0], -1), cache=cache, key_valid=valid)
         return self.norm(self.run_blocks(self.embed(input_ids), plan))
 

@@ -97,6 +97,11 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @property
+    def weight_std(self) -> float:
+        """Init std of weights and embedding rows: sqrt(2/(5d)) under ponder_init, else init_std."""
+        return math.sqrt(2.0 / (5.0 * self.d_model)) if self.ponder_init else self.init_std
+
+    @property
     def embed_scale(self) -> float:
         return math.sqrt(2.5 * self.d_model) if self.ponder_init else 1.0
 

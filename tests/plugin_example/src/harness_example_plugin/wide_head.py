@@ -6,7 +6,6 @@ harness's decorator and states only what differs from the shared backbone.
 
 from dataclasses import dataclass
 
-import torch
 
 from harness.registry import register
 from models.base import DecodeOutput, LanguageModel, TrainOutput, next_token_loss
@@ -32,9 +31,9 @@ class WideHead(LanguageModel):
     def _logits(self, input_ids, cache=None, valid=None):
         d = self.decoder
         offset = 0 if cache is None else cache.length
-        positions = torch.arange(offset, offset + input_ids.shape[1])
+        positions = d.positions_after(offset, input_ids.shape[0], input_ids.shape[1], input_ids.device)
         x = d.embed(input_ids)
-        plan = d.plan(positions.expand(input_ids.shape[0], -1), cache=cache, key_valid=valid)
+        plan = d.plan(positions, cache=cache, key_valid=valid)
         h = d.norm(d.run_blocks(x, plan)) + self.config.embed_mix * d.norm(x)
         return d.head(h, valid)
 
