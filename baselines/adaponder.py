@@ -59,12 +59,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.mor import compact
-from harness import compute
-from harness.registry import register
+from harness.core import compute
+from harness.core.config import ModelConfig, require
+from harness.core.registry import register
 from models.backbone import KVCache
 from models.base import IGNORE_INDEX, DecodeOutput, LanguageModel, TrainOutput
-from models.config import ModelConfig, require
+from models.shared import compact, init_linear
 
 
 @dataclass
@@ -112,10 +112,8 @@ class AdaPonder(LanguageModel):
             nn.Sequential(nn.Linear(c.d_model, c.gate_hidden), nn.SiLU(), nn.Linear(c.gate_hidden, 1))
             for _ in range(c.max_iterations - 1))
         for gate in self.gates:
-            for linear in (gate[0], gate[2]):
-                nn.init.normal_(linear.weight, 0.0, (2.0 / (5.0 * linear.in_features)) ** 0.5)
-                nn.init.zeros_(linear.bias)
-            nn.init.constant_(gate[2].bias, c.gate_init_bias)
+            init_linear(gate[0], c)
+            init_linear(gate[2], c, bias=c.gate_init_bias)
 
     def halting_probability(self, iteration: int, h: torch.Tensor) -> torch.Tensor:
         """q_i [...] of final-norm states h [..., d] after 0-based ``iteration`` (< N-1)."""

@@ -19,16 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from harness import compute
-from harness.registry import register
+from harness.core import compute
+from harness.core.config import ModelConfig, require
+from harness.core.registry import register
 from models.backbone import KVCache
 from models.base import DecodeOutput, LanguageModel, TrainOutput, next_token_loss
-from models.config import ModelConfig, require
-
-
-def constant_steps(like: torch.Tensor, steps: int) -> torch.Tensor:
-    """[B, n] extra steps per token for a method whose every token takes the same number."""
-    return torch.full(like.shape[:2], steps, dtype=torch.long, device=like.device)
+from models.shared import constant_steps
 
 
 @dataclass

@@ -57,11 +57,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import compute
-from harness.registry import register
+from harness.core import compute
+from harness.core.config import ModelConfig, require
+from harness.core.registry import register
 from models.backbone import KVCache
 from models.base import DecodeOutput, LanguageModel, TrainOutput
-from models.config import ModelConfig, require
+from models.shared import compact, init_linear
 
 INFERENCE_THRESHOLD = 0.5  # expert-choice at inference: continue iff sigmoid(router) >= 0.5 (BCE target)
 ROUTINGS = ("expert", "token")
@@ -131,19 +132,6 @@ class MoRCache:
     recursions: list[KVCache]
 
 
-def compact(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """active [B, n] -> (index [B, m], ok [B, m]): each row's active positions in causal order first.
-
-    m is the largest active count of a row; ok marks real entries (a row's tail points at inactive
-    positions and must be ignored). A stable sort keeps the original order, so causal order holds.
-    """
-    counts = active.sum(dim=1)
-    m = int(counts.max()) if active.numel() else 0
-    index = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices[:, :m]
-    ok = torch.arange(m, device=active.device)[None, :] < counts[:, None]
-    return index, ok
-
-
 @register("mor")
 class MixtureOfRecursions(LanguageModel):
     """Mixture-of-Recursions: unshared first/last layers, a shared middle block applied 1..R times."""
@@ -156,14 +144,12 @@ class MixtureOfRecursions(LanguageModel):
         self.first = range(0, c.unshared_first)
         self.middle = range(c.unshared_first, c.unshared_first + c.n_middle)
         self.last = range(c.unshared_first + c.n_middle, c.n_layers)
-        std = (2.0 / (5.0 * c.d_model)) ** 0.5  # the backbone's ponder init scale for a d-input linear
         if c.routing == "expert":
             self.routers = nn.ModuleList(nn.Linear(c.d_model, 1) for _ in range(c.recursions - 1))
         else:
             self.routers = nn.ModuleList([nn.Linear(c.d_model, c.recursions)] if c.recursions > 1 else [])
         for router in self.routers:
-            nn.init.normal_(router.weight, 0.0, std)
-            nn.init.zeros_(router.bias)
+            init_linear(router, c)
 
     # -- the recursion stack ------------------------------------------------------------------
 

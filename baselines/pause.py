@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from baselines.looped import constant_steps
-from harness import compute
-from harness.registry import register
+from harness.core import compute
+from harness.core.config import ModelConfig, require
+from harness.core.registry import register
 from models.backbone import KVCache
 from models.base import DecodeOutput, LanguageModel, TrainOutput, next_token_loss
-from models.config import ModelConfig, require
+from models.shared import constant_steps
 
 
 @dataclass

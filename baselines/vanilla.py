@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.registry import register
+from harness.core.config import ModelConfig
+from harness.core.registry import register
 from models.base import LanguageModel
-from models.config import ModelConfig
 
 
 @dataclass

@@ -32,7 +32,6 @@ printing NaN.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pathlib
@@ -45,18 +44,15 @@ from typing import Any
 
 import numpy as np
 
-from harness.checkpoint import write_json_atomic
-from harness.cli import UserError
+from harness.core.errors import AnalysisError
+from harness.core.io import write_json_atomic
+from harness.data import Tokenizer
 
 RECORDS_FILE = "tokens.npz"
 PLOT_FILE = "steps_vs_nll.png"
 TABLE_FILE = "token_steps.md"
 SUMMARY_FILE = "analysis.json"
 RECORD_FIELDS = ("token", "nll", "steps")
-
-
-class AnalysisError(UserError):
-    """A missing or unusable records file; the message names the file and the fix."""
 
 
 @dataclass
@@ -223,8 +219,6 @@ def _token_decoder(folder: pathlib.Path):
     if not path.exists():
         print(f"warning: {path} not found; tokens are shown as ids", file=sys.stderr)
         return lambda i: f"<id {i}>", False
-    from harness.data import Tokenizer
-
     tokenizer = Tokenizer.load(path)
     return lambda i: _printable(tokenizer.decode([i])), True
 
@@ -411,26 +405,5 @@ def analyze(folder: str | pathlib.Path, top: int = 20, bins: int = 10, groups: i
     return summary
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", help="a job folder written by `python -m harness train` (holds tokens.npz)")
-    parser.add_argument("--top", type=int, default=20, help="most frequent tokens in the table (default 20)")
-    parser.add_argument("--bins", type=int, default=10, help="NLL quantile bins in the plot (default 10)")
-    parser.add_argument("--groups", type=int, default=10,
-                        help="token-frequency groups; rare/frequent = the first/last (default 10)")
-    parser.add_argument("--out", default=None, help="folder for the outputs (default: the job folder)")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of the report")
-
-
-def run(args: argparse.Namespace) -> int:
-    summary = analyze(args.folder, top=args.top, bins=args.bins, groups=args.groups, out=args.out)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-        return 0
-    print(markdown_report(summary))
-    files = summary["files"]
-    print(f"wrote {files['plot']}, {files['table']} and {files['summary']}")
-    return 0
-
-
-__all__ = ["AnalysisError", "TokenRecords", "add_arguments", "analyze", "frequency_groups", "load_records",
-           "markdown_report", "nll_bins", "plot", "rare_vs_frequent", "run", "spearman", "top_tokens"]
+__all__ = ["TokenRecords", "analyze", "frequency_groups", "load_records",
+           "markdown_report", "nll_bins", "plot", "rare_vs_frequent", "spearman", "top_tokens"]

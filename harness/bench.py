@@ -39,12 +39,10 @@ descheduled stalls every parallel kernel (measured: several times slower and far
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import pathlib
 import platform
 import statistics
 import sys
@@ -54,10 +52,10 @@ from typing import Any, Callable
 
 import torch
 
-from harness import compute, registry
+from harness.core import compute, registry
+from harness.core.config import CPU_SIZES, SIZES, ConfigError
 from harness.data import DataConfig, TokenizedCorpus, batch_at, load_corpus, validation_windows
 from models.base import next_token_loss
-from models.config import CPU_SIZES, SIZES, ConfigError
 
 SCHEMA_VERSION = 1
 SECTIONS = ("train", "decode", "prune", "jacobi")
@@ -595,35 +593,7 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer rounds (under two minutes)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
-    parser.add_argument("--out", default=None, help="where to write the JSON report (default: bench.json, "
-                                                    "bench-quick.json with --quick)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 = torch's default)")
-    parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
-    make = BenchConfig.quick if args.quick else BenchConfig.full
-    cfg = make(threads=args.threads, sections=sections)
-    out = pathlib.Path(args.out or ("bench-quick.json" if args.quick else "bench.json"))
-    if out.parent and not out.parent.exists():
-        raise ConfigError(f"--out {out}: folder {out.parent} does not exist")
-    report = benchmark(cfg, progress=not args.no_progress)
-    from harness.checkpoint import write_json_atomic
-
-    write_json_atomic(out, report)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    if not args.json:
-        print(f"report written to {out}")
-    return 0
-
-
-__all__ = ["BenchConfig", "Timing", "add_arguments", "bench_decode_cache", "bench_jacobi_training",
+__all__ = ["BenchConfig", "Timing", "bench_decode_cache", "bench_jacobi_training",
            "bench_pruned_decode", "bench_train_throughput", "format_report", "generate_cached",
-           "generate_recomputing", "measure_matmul_peak", "pruning_router_bias", "run", "benchmark",
+           "generate_recomputing", "measure_matmul_peak", "pruning_router_bias", "benchmark",
            "time_interleaved", "to_transformers_llama"]

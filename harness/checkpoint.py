@@ -12,7 +12,6 @@ keeps its previous checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
@@ -22,35 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-
-class CheckpointError(RuntimeError):
-    """A missing, corrupt or mismatched checkpoint; the message names the file and the fix."""
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{what} {path} is corrupt ({exc.__class__.__name__}: {exc}); "
-                              "delete it to start that job again") from None
+from harness.core.errors import CheckpointError
+from harness.core.io import read_json, write_json_atomic
 
 
 def save(folder: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,

@@ -1,8 +1,5 @@
 """Validation perplexity computed the way each method is deployed, at measured inference FLOPs.
 
-``python -m harness eval DIR [--json] [--tasks arc_easy,piqa,...] [--num-fewshot N] [--limit N]``
-re-evaluates a saved job and updates ``DIR/result.json``.
-
 Perplexity is scored with :meth:`LanguageModel.score` (cached, exact, hard-pruned decoding) over
 non-overlapping validation windows of the training sequence length; every block call during scoring
 goes to a compute ledger, so ``infer_flops_per_token`` is what actually ran, averaged over those
@@ -12,9 +9,7 @@ is the train/inference gap (``jacobi_gap`` and ``consistency_gap`` for the Ponde
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 import pathlib
 import time
@@ -22,10 +17,12 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from harness import checkpoint, compute
-from harness.checkpoint import CheckpointError, write_json_atomic
-from harness.data import TokenizedCorpus, load_corpus, validation_windows
+from harness.core import compute
+from harness.core.errors import CheckpointError
+from harness.data import TokenizedCorpus, validation_windows
+from harness.job import autocast_for
 
 
 @contextlib.contextmanager
@@ -86,10 +83,6 @@ def parallel_loss(model, windows, batch_size, device, autocast) -> float:
 def evaluate_model(model, corpus: TokenizedCorpus, cfg, device: torch.device,
                    records_path: str | pathlib.Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Perplexity, measured inference FLOPs per token, train/inference gaps and step statistics."""
-    from tqdm.auto import tqdm
-
-    from harness.train import autocast_for
-
     started = time.time()
     model.eval()
     windows = validation_windows(corpus.val, cfg.seq_len, cfg.eval_tokens or None)
@@ -126,67 +119,3 @@ def evaluate_model(model, corpus: TokenizedCorpus, cfg, device: torch.device,
     result["eval_seconds"] = time.time() - started
     model.train()
     return result
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def load_job(folder: str | pathlib.Path):
-    """(job, model on CPU, its corpus) of a saved job folder; CheckpointError if anything is off."""
-    from harness.train import Job, make_model
-
-    folder = pathlib.Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"job folder not found: {folder}")
-    job = Job.from_dict(checkpoint.read_json(folder / "job.json", "job description"))
-    state = checkpoint.load_state(folder / "checkpoint")
-    corpus = load_corpus(job.data)
-    model = make_model(job, corpus.tokenizer.vocab_size)
-    if type(model.config).from_dict(state["model_config"]) != model.config:  # JSON has lists, not tuples
-        raise CheckpointError(f"{folder}/checkpoint was written for another model config; retrain the job")
-    checkpoint.load_weights(folder / "checkpoint", model)
-    return job, model, corpus
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", help="a job folder written by `python -m harness train`")
-    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
-    parser.add_argument("--tasks", default="", help="downstream tasks (lm-eval), comma separated")
-    parser.add_argument("--num-fewshot", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=None, help="documents per downstream task")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    from harness.train import resolve_device
-
-    folder = pathlib.Path(args.folder)
-    tasks = [t for t in args.tasks.split(",") if t]
-    if tasks:  # a typo in a task name fails now, not after the perplexity pass
-        from harness.downstream import resolve_tasks
-
-        resolve_tasks(tasks)
-    job, model, corpus = load_job(folder)
-    device = resolve_device(job.train.device)
-    model.to(device)
-    result_path = folder / "result.json"
-    result = checkpoint.read_json(result_path, "result") if result_path.exists() else {}
-    result.update(evaluate_model(model, corpus, job.train, device, records_path=folder / "tokens.npz",
-                                 progress=not args.no_progress))
-    if tasks:
-        from harness.lm_eval_adapter import evaluate_downstream
-
-        scores = evaluate_downstream(folder, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                                     progress=not args.no_progress)
-        result.setdefault("downstream", {}).update(scores)
-    write_json_atomic(result_path, result)
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        for key in ("method", "size", "val_loss", "val_ppl", "infer_flops_per_token", "parallel_gap",
-                    "mean_extra_steps", "consistency_gap", "jacobi_gap"):
-            if key in result:
-                print(f"{key:<24} {result[key]}")
-        for task, score in result.get("downstream", {}).items():
-            print(f"{task:<24} {score}")
-    return 0

@@ -22,7 +22,6 @@ its own panel. Failed jobs are listed under the md and latex tables with their e
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import pathlib
@@ -30,9 +29,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from harness.cli import UserError
+from harness.core.config import SIZES
+from harness.core.errors import ReportError
 from harness.results import FAILED, OK, ResultsStore
-from models.config import SIZES
 
 PARETO_PNG = "pareto_inference_flops.png"
 TRAIN_PNG = "ppl_vs_train_flops.png"
@@ -40,10 +39,6 @@ TABLE_FILES = {"md": "table.md", "latex": "table.tex", "csv": "table.csv"}
 _METRIC_PREFERENCE = ("acc_norm", "acc", "exact_match", "word_perplexity", "perplexity", "bits_per_byte")
 _LOWER_IS_BETTER = ("perplexity", "ppl", "bits_per_byte", "bpb", "loss", "flops")
 _NOT_SCORES = ("stderr", "num_fewshot", "limit", "n_docs", "flops", "tokens", "mean_extra_steps")
-
-
-class ReportError(UserError):
-    """Nothing to report (no runs.jsonl, no finished job); one line naming the folder."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -415,37 +410,6 @@ def write_reports(folder: str | os.PathLike) -> list[pathlib.Path]:
         os.replace(tmp, path)  # a reader never sees half a table
         paths.append(path)
     return paths
-
-
-# ---------------------------------------------------------------------------------------------------
-# CLI (``plot`` and ``table`` share this module)
-
-
-def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", help="a sweep folder (only its runs.jsonl is read)")
-    parser.add_argument("--out", default=None, help="where to write the PNGs (default: the folder)")
-
-
-def run_plot(args: argparse.Namespace) -> int:
-    for path in make_plots(args.folder, args.out):
-        print(f"wrote {path}")
-    return 0
-
-
-def add_table_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", help="a sweep folder (only its runs.jsonl is read)")
-    parser.add_argument("--format", choices=list(FORMATTERS), default="md")
-    parser.add_argument("--out", default=None, help="write the table to this file instead of printing it")
-
-
-def run_table(args: argparse.Namespace) -> int:
-    text = make_table(args.folder, args.format)
-    if args.out:
-        pathlib.Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
-    else:
-        print(text, end="" if text.endswith("\n") else "\n")
-    return 0
 
 
 __all__ = ["PARETO_PNG", "TABLE_FILES", "TRAIN_PNG", "ReportError", "aggregate", "load_runs", "make_plots",

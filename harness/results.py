@@ -28,15 +28,14 @@ Decisions that make the store lose nothing and hold nothing twice:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
 import os
 import pathlib
 import time
-from collections.abc import Iterator
 from typing import Any
+
+from harness.core.io import file_lock
 
 RUNS_FILE = "runs.jsonl"
 JOBS_DIR = "jobs"
@@ -116,17 +115,6 @@ class ResultsStore:
 
     # -- writing ----------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / (RUNS_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
     def append(self, record: dict[str, Any]) -> bool:
         """Append ``record`` (needs ``job_id`` and ``status``); False if the job is already recorded ok."""
         if not isinstance(record.get("job_id"), str) or record.get("status") not in (OK, FAILED):
@@ -134,7 +122,7 @@ class ResultsStore:
         record = dict(record)
         record.setdefault("recorded_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         line = json.dumps(_finite(record), sort_keys=True, allow_nan=False).encode() + b"\n"
-        with self._locked():
+        with file_lock(self.root / (RUNS_FILE + ".lock")):
             if self._covered(record):
                 return False
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

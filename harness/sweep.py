@@ -1,13 +1,6 @@
 """Matched-budget sweeps on Ray: plan the jobs, fan them out, record every result, write the reports.
 
-``python -m harness sweep [--budget FLOPS] [--methods a,b] [--seeds N] [--out DIR] [--address ADDR]
-[--dry-run] [--yes] [--match train-flops|tokens] [--tasks arc_easy,...] [--task-limit N] [--set k=v ...]``
-
-Without ``--budget`` it runs the embedded default (:data:`DEFAULT_SWEEP`): every registered method
-(plugins installed later are swept too) on the embedded corpus at a budget that finishes in under 15
-minutes on a 2-core CPU, evaluation included.
-
-How it runs (DESIGN.md section 8):
+How it runs (docs/design.md, "Running and scale"):
 
 * The plan (:mod:`harness.plan`) is printed first. A plan whose estimated wall time on the hardware
   found exceeds :data:`CONFIRM_HOURS` stops and asks; ``--yes`` skips the question (without a
@@ -17,7 +10,7 @@ How it runs (DESIGN.md section 8):
   many torch threads). On a cluster, ``OUT`` must be on a filesystem every node sees.
 * Each Ray task calls :func:`harness.train.train_job` on ``OUT/jobs/<job_id>`` (which resumes from the
   job's checkpoint, or returns the result of a finished job), then the downstream tasks through
-  :func:`harness.lm_eval_adapter.evaluate_downstream` when ``--tasks`` is given, and appends the record
+  :func:`harness.lmeval.runner.evaluate_downstream` when ``--tasks`` is given, and appends the record
   to ``OUT/runs.jsonl`` itself, so a finished job is stored even if the driver dies a moment later.
 * Errors the user must fix (config, data, NaN loss, a corrupt checkpoint) are recorded as failed at
   once; anything else (a crashed or killed worker, an unexpected exception) is retried by Ray
@@ -29,10 +22,7 @@ How it runs (DESIGN.md section 8):
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -41,13 +31,21 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
+from harness import checkpoint, report
 from harness import plan as planning
-from harness.checkpoint import write_json_atomic
+from harness.core.errors import CheckpointError, HarnessError, SweepError
+from harness.core.io import file_lock, write_json_atomic
+from harness.data import load_corpus
+from harness.job import Job
+from harness.lmeval.runner import evaluate_downstream
 from harness.results import OK, PLAN_FILE, ResultsStore, failed_record, ok_record, one_line
+from harness.train import train_job
 
 # The embedded default sweep: what `python -m harness sweep` runs without --budget. Its sizes come from
 # the ladder rule (the CPU rungs nearest Chinchilla-optimal at this budget: pico and nano for every
@@ -91,35 +89,12 @@ class SweepOutcome:
     reports: list[str] = field(default_factory=list)
 
 
-class SweepError(planning.PlanError):
-    """The sweep cannot start as asked (budget beyond the hardware without --yes); one line."""
-
-
 # ---------------------------------------------------------------------------------------------------
 # one job (runs inside a Ray worker)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that retrying cannot fix: recorded as failed at once."""
-    from harness.checkpoint import CheckpointError
-    from harness.data import DataError
-    from harness.train import TrainingError
-    from models.config import ConfigError
-
-    types: list[type[BaseException]] = [ConfigError, DataError, TrainingError, CheckpointError]
-    try:
-        from harness.downstream import DownstreamError
-
-        types.append(DownstreamError)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
 def _note_worker(folder: pathlib.Path, token: str) -> tuple[int, int | None]:
     """Write WORKER_FILE; return (attempt of this sweep, step of the checkpoint we resume from)."""
-    from harness import checkpoint
-
     attempt = 1
     marker = folder / WORKER_FILE
     try:
@@ -132,7 +107,7 @@ def _note_worker(folder: pathlib.Path, token: str) -> tuple[int, int | None]:
     if (folder / "checkpoint" / "state.json").exists() and not (folder / "result.json").exists():
         try:
             resumed_from = int(checkpoint.load_state(folder / "checkpoint")["step"])
-        except (checkpoint.CheckpointError, KeyError, ValueError):  # damaged: train_job names the problem
+        except (CheckpointError, KeyError, ValueError):  # damaged: train_job names the problem
             resumed_from = None
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, {"pid": os.getpid(), "host": socket.gethostname(), "token": token,
@@ -143,44 +118,21 @@ def _note_worker(folder: pathlib.Path, token: str) -> tuple[int, int | None]:
 def execute_job(job_dict: dict[str, Any], root: str, token: str, tasks: list[str], num_fewshot: int,
                 task_limit: int | None, threads: int) -> dict[str, Any]:
     """Train (or resume, or reuse) one job, evaluate it downstream, append and return its record."""
-    import torch
-
-    from harness.train import Job
-
     torch.set_num_threads(max(1, threads))
     store = ResultsStore(root)
     job = Job.from_dict(job_dict)
     folder = store.job_dir(job.job_id())
-    with _job_lock(folder):
+    with file_lock(folder / ".lock"):  # a killed sweep's worker may outlive its driver
         return _execute_locked(job, folder, store, token, tasks, num_fewshot, task_limit)
-
-
-@contextlib.contextmanager
-def _job_lock(folder: pathlib.Path) -> Iterator[None]:
-    """Hold the job folder exclusively; the kernel releases the lock when its holder dies.
-
-    A worker of a killed sweep can outlive its driver for a few seconds, and two sweeps may share a
-    folder: without the lock, a resumed attempt could read a checkpoint that the old one is replacing.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # waits for a previous holder to finish or die
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _execute_locked(job, folder: pathlib.Path, store: ResultsStore, token: str, tasks: list[str], num_fewshot: int,
                     task_limit: int | None) -> dict[str, Any]:
-    from harness.train import train_job
-
     attempt, resumed_from = _note_worker(folder, token)
     extra = {"attempt": attempt, "resumed_from_step": resumed_from, "host": socket.gethostname()}
     try:
         result = train_job(job, folder, progress=False)
-    except _user_errors() as exc:
+    except HarnessError as exc:
         record = failed_record(job, one_line(exc), **extra)
         store.append(record)
         return record
@@ -190,8 +142,6 @@ def _execute_locked(job, folder: pathlib.Path, store: ResultsStore, token: str, 
         # worker (threads, signal handlers) deadlocks, so its documented switch makes it run serially
         os.environ["DISABLE_MULTIPROC"] = "1"
         try:
-            from harness.lm_eval_adapter import evaluate_downstream
-
             scores = evaluate_downstream(folder, missing, num_fewshot=num_fewshot, limit=task_limit, progress=False)
             result.setdefault("downstream", {}).update(scores)
             result["downstream_num_fewshot"], result["downstream_limit"] = num_fewshot, task_limit
@@ -273,8 +223,6 @@ def _confirm(plan: planning.Plan, options: SweepOptions) -> None:
 
 def _prepare_data(plan: planning.Plan, progress: bool) -> int | None:
     """Tokenise each distinct dataset once, here (workers then find the cache); the shared vocabulary size."""
-    from harness.data import load_corpus
-
     configs = {json.dumps(dataclasses.asdict(j.job.data), sort_keys=True): j.job.data for j in plan.jobs}
     sizes = set()
     for data in configs.values():
@@ -282,7 +230,7 @@ def _prepare_data(plan: planning.Plan, progress: bool) -> int | None:
             print(f"data: preparing {data.source} (tokenizer {data.tokenizer})", file=sys.stderr, flush=True)
         try:
             sizes.add(load_corpus(data).tokenizer.vocab_size)
-        except _user_errors() as exc:  # its jobs fail and are recorded with this message; the others run
+        except HarnessError as exc:  # its jobs fail and are recorded with this message; the others run
             print(f"warning: data {data.source}: {one_line(exc)}", file=sys.stderr, flush=True)
             return None
     return sizes.pop() if len(sizes) == 1 else None
@@ -376,9 +324,7 @@ def sweep(request: planning.PlanRequest, options: SweepOptions) -> SweepOutcome:
             _ray().shutdown()
     if options.reports and store.path.exists():
         try:
-            from harness.report import write_reports
-
-            outcome.reports = [str(p) for p in write_reports(store.root)]
+            outcome.reports = [str(p) for p in report.write_reports(store.root)]
         except Exception as exc:  # the results are safe in runs.jsonl; the report can be redone
             say(f"warning: could not write the reports ({one_line(exc)}); "
                 f"run `python -m harness plot/table {store.root}`")
@@ -395,8 +341,6 @@ def _probe_hardware(request: planning.PlanRequest) -> planning.Hardware:
 
 def _run_jobs(todo: list[planning.PlannedJob], store: ResultsStore, options: SweepOptions, outcome: SweepOutcome,
               say) -> None:
-    from tqdm.auto import tqdm
-
     ray = _ray()
     gpus, slots = _cluster_slots(options)
     token = uuid.uuid4().hex
@@ -434,61 +378,3 @@ def _run_jobs(todo: list[planning.PlannedJob], store: ResultsStore, options: Swe
                 shown = counts
     finally:
         bar.close()
-
-
-# ---------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    planning.add_request_arguments(parser, budget_required=False)
-    parser.set_defaults(rungs=None)
-    parser.add_argument("--out", default=None, help="sweep folder (default results/sweep_<budget>_<match>)")
-    parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
-    parser.add_argument("--cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
-    parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="retries of a crashed job")
-    parser.add_argument("--tasks", default="", help="downstream tasks after training (python -m harness tasks)")
-    parser.add_argument("--num-fewshot", type=int, default=0)
-    parser.add_argument("--task-limit", type=int, default=None, help="documents per downstream task")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and stop")
-    parser.add_argument("--yes", action="store_true", help="run even if the plan exceeds the hardware found")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--verbose", action="store_true", help="forward the workers' logs")
-
-
-def _default_out(budget: float, match: str) -> str:
-    mantissa, exponent = f"{budget:.2e}".split("e")
-    mantissa = mantissa.rstrip("0").rstrip(".")
-    return os.path.join("results", f"sweep_{mantissa}e{int(exponent)}_{match}")
-
-
-def run(args: argparse.Namespace) -> int:
-    default = args.budget is None
-    budget = DEFAULT_SWEEP["budget"] if default else args.budget
-    if args.rungs is None:
-        args.rungs = DEFAULT_SWEEP["rungs"] if default else planning.DEFAULT_RUNGS
-    if args.retries < 0:
-        raise SweepError(f"--retries {args.retries}: must be >= 0")
-    request = planning.request_from_args(args, budget=budget)
-    if default:
-        print(f"default sweep: every registered method at {budget:.3g} FLOPs on the embedded corpus, downstream "
-              f"{','.join(DEFAULT_SWEEP['tasks'])} on {DEFAULT_SWEEP['task_limit']} documents each "
-              "(pass --budget for another sweep)", flush=True)
-    tasks = planning._csv(args.tasks) or (list(DEFAULT_SWEEP["tasks"]) if default else [])
-    task_limit = args.task_limit if args.task_limit is not None or not default else DEFAULT_SWEEP["task_limit"]
-    options = SweepOptions(
-        out=args.out or _default_out(budget, args.match), address=args.address, cpus=args.cpus,
-        cpus_per_job=args.cpus_per_job, retries=args.retries, tasks=tasks, num_fewshot=args.num_fewshot,
-        task_limit=task_limit, dry_run=args.dry_run, yes=args.yes, progress=not args.no_progress,
-        verbose=args.verbose)
-    outcome = sweep(request, options)
-    if options.dry_run:
-        return 0
-    print(f"sweep: {outcome.ok} ok, {outcome.failed} failed, {outcome.skipped} already done, "
-          f"in {outcome.wall_seconds / 60:.1f} min; results in {ResultsStore(options.out).path}")
-    for path in outcome.reports:
-        print(f"wrote {path}")
-    return 1 if outcome.failed else 0
-
-
-__all__ = ["DEFAULT_SWEEP", "SweepOptions", "SweepOutcome", "execute_job", "sweep"]

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import compute
-from models.config import ModelConfig
+from harness.core import compute
+from harness.core.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -528,9 +528,6 @@ class Decoder(nn.Module):
         return n_block_passes * per_stack + compute.head_flops(self.cfg.d_model, self.cfg.vocab_size,
                                                                head_positions)
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        total = sum(p.numel() for p in self.parameters())
-        return total - self.embed_tokens.weight.numel() if non_embedding else total
 
 
 __all__ = ["Attention", "AttentionPlan", "Block", "Decoder", "IGNORE_INDEX", "KVCache", "LinearCrossEntropy",

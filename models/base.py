@@ -22,11 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import compute
-from models.backbone import Decoder, KVCache
-from models.config import ModelConfig
-
-IGNORE_INDEX = -100  # targets with this value (padding) are left out of losses and scores
+from harness.core import compute
+from harness.core.config import ModelConfig
+from models.backbone import IGNORE_INDEX, Decoder, KVCache
 
 
 @dataclass

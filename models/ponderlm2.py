@@ -48,11 +48,11 @@ from dataclasses import dataclass
 
 import torch
 
-from harness import compute
-from harness.registry import register
+from harness.core import compute
+from harness.core.config import ModelConfig, require
+from harness.core.registry import register
 from models.backbone import KVCache
 from models.base import DecodeOutput, LanguageModel, TrainOutput
-from models.config import ModelConfig, require
 
 
 @dataclass

@@ -48,10 +48,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import compute
-from harness.registry import register
+from harness.core import compute
+from harness.core.config import require
+from harness.core.registry import register
 from models.base import IGNORE_INDEX
-from models.config import require
 from models.ponderlm2 import Decision, PonderLM2, PonderLM2Config, tail_log_mass
 
 

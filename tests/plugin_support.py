@@ -29,7 +29,7 @@ def activate_in_process(site: pathlib.Path, monkeypatch) -> None:
     import importlib
 
     importlib.invalidate_caches()
-    from harness import registry
+    from harness.core import registry
 
     registry.discover(force=True)
     sys.modules.setdefault("harness_example_plugin", __import__("harness_example_plugin"))

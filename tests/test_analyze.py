@@ -36,7 +36,8 @@ def zipf_records(n=20000, vocab=400, seed=0, direction=1.0, noise=0.5):
 def ponderlm3_job(tmp_path_factory, small_corpus):
     """A tiny trained PonderLM-3 job (K=2) with its evaluation records."""
     from harness.data import DataConfig
-    from harness.train import Job, TrainConfig, train_job
+    from harness.job import Job, TrainConfig
+    from harness.train import train_job
 
     folder = tmp_path_factory.mktemp("ponderlm3_job")
     job = Job(method="ponderlm3", budget=5e9, size="pico", model={"latent_steps": 2, "compute_penalty": 0.05},

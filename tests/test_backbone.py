@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.backbone import Decoder
-from models.config import ModelConfig
+from harness.core.config import ModelConfig
 
 CONFIGS = [
     dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=64),

@@ -4,9 +4,9 @@ measured FLOPs of the depths actually taken, gradients and config validation."""
 import pytest
 import torch
 
-from harness import compute, registry
+from harness.core import compute, registry
 from models.base import IGNORE_INDEX
-from models.config import ConfigError
+from harness.core.config import ConfigError
 
 V = 61
 BASE = dict(vocab_size=V, d_model=32, n_layers=3, n_heads=2, d_ff=64)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness import compute, registry
+from harness.core import compute, registry
 from models.base import IGNORE_INDEX
-from models.config import ConfigError
+from harness.core.config import ConfigError
 
 V = 67
 BASE = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=2, d_ff=64)

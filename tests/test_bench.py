@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from harness import registry
+from harness.core import registry
 from harness.bench import (SECTIONS, BenchConfig, benchmark, format_report, generate_cached, generate_recomputing,
                            pruning_router_bias, time_interleaved, to_transformers_llama)
 from harness.cli import main
 from harness.data import DataConfig, load_corpus
-from models.config import ConfigError
+from harness.core.config import ConfigError
 
 SECTION_KEYS = ("train_throughput", "decode_cache", "pruned_decode", "jacobi_training", "utilization", "targets")
 
@@ -156,7 +156,7 @@ def test_rope_by_roll_is_bit_identical_to_rotate_half():
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_key_bias_channel_equals_an_additive_mask_with_gradients(n_kv_heads):
     from models.backbone import Decoder
-    from models.config import ModelConfig
+    from harness.core.config import ModelConfig
 
     decoder = Decoder(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, d_ff=64))
     x = torch.randn(2, 9, 32)
@@ -185,7 +185,7 @@ def test_key_bias_channel_equals_an_additive_mask_with_gradients(n_kv_heads):
 
 def test_one_query_decoding_mask_equals_the_general_mask():
     from models.backbone import Decoder
-    from models.config import ModelConfig
+    from harness.core.config import ModelConfig
 
     decoder = Decoder(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, d_ff=64))
     old_bias, old_valid = -torch.rand(3, 4), torch.tensor([[1, 0, 1, 1]] * 3, dtype=torch.bool)
@@ -207,7 +207,7 @@ def test_fused_head_loss_equals_logits_and_cross_entropy(chunk_rows):
     import torch.nn.functional as F
 
     from models.backbone import Decoder, LinearCrossEntropy
-    from models.config import ModelConfig
+    from harness.core.config import ModelConfig
 
     decoder = Decoder(ModelConfig(vocab_size=70, d_model=16, n_layers=1, n_heads=2, d_ff=32))
     h = torch.randn(2, 11, 16)

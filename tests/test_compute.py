@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness import compute, registry
+from harness.core import compute, registry
 
 
 def _vanilla(**overrides):

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from harness import compute, registry
+from harness.core import compute, registry
 from models.base import IGNORE_INDEX
 from tests.plugin_support import EXAMPLE
 
@@ -115,7 +115,8 @@ def test_training_step_is_finite_and_reaches_every_parameter(name):
 @pytest.mark.parametrize("name", method_names())
 def test_trains_and_evaluates_through_the_harness(name, tmp_path, small_corpus):
     from harness.data import DataConfig
-    from harness.train import Job, TrainConfig, train_job
+    from harness.job import Job, TrainConfig
+    from harness.train import train_job
 
     train = TrainConfig(seq_len=32, batch_size=4, eval_tokens=512, checkpoint_every=1000, lr=1e-2)
     probe = registry.build(name, size="pico", overrides={"vocab_size": 512})

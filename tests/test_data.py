@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness import data
-from harness.data import (DataConfig, DataError, TokenizedCorpus, Tokenizer, batch_at, load_corpus,
+
+from harness.core.errors import DataError
+from harness.data import (DataConfig, TokenizedCorpus, Tokenizer, batch_at, load_corpus,
                           load_documents, validation_windows)
 
 WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his from at which "
@@ -426,4 +427,4 @@ def test_validation_windows_cover_in_order():
 
 def test_data_error_is_one_line():
     assert str(DataError("a\nb   c")) == "a b c"
-    assert issubclass(data.DataError, Exception)
+    assert issubclass(DataError, Exception)

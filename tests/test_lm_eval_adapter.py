@@ -21,11 +21,14 @@ import sys
 import pytest
 import torch
 
-from harness import cli, downstream
+from harness import cli
+from harness.lmeval import tasks as downstream
 from harness.data import DataConfig, Tokenizer, load_documents
-from harness.downstream import DownstreamError
-from harness.lm_eval_adapter import HarnessLM, continuation_windows, evaluate_downstream
-from harness.train import Job, TrainConfig, train_job
+from harness.lmeval.tasks import DownstreamError
+from harness.lmeval.model import HarnessLM, continuation_windows
+from harness.lmeval.runner import evaluate_downstream
+from harness.job import Job, TrainConfig
+from harness.train import train_job
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("olmo_eval") is None,
@@ -319,13 +322,13 @@ def test_tasks_command_lists_the_suite(capsys, tmp_path):
 
 
 def test_lm_eval_command_line(jobs, adapters, tmp_path):
-    """lm-eval's own CLI resolves `--model harness` (python -m harness.lm_eval_adapter registers it)."""
-    from harness.lm_eval_adapter import _job_corpus_task
+    """lm-eval's own CLI resolves `--model harness` (python -m harness.lmeval.runner registers it)."""
+    from harness.lmeval.runner import _job_corpus_task
 
     task_folder = downstream.write_task_folder()
     corpus_task = _job_corpus_task(jobs["vanilla"], adapters("vanilla").job)  # a job's own task, by path
     out_dir = tmp_path / "lm_eval_out"
-    cmd = [sys.executable, "-m", "harness.lm_eval_adapter", "--model", "harness",
+    cmd = [sys.executable, "-m", "harness.lmeval.runner", "--model", "harness",
            "--model_args", f"checkpoint={jobs['vanilla']},progress=False",
            "--tasks", f"harness_arc_easy,{corpus_task}", "--include_path", str(task_folder),
            "--limit", "2", "--device", "cpu", "--batch_size", "8", "--output_path", str(out_dir)]

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import compute, registry
+from harness.core import compute, registry
 from models.base import IGNORE_INDEX
-from models.config import ConfigError
+from harness.core.config import ConfigError
 
 BASE = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, d_ff=96)
 METHODS = ["ponderlm2", "ponderlm3"]

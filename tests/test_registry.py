@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from harness import registry
-from models.config import SIZES, ConfigError, ModelConfig
+from harness.core import registry
+from harness.core.config import SIZES, ConfigError, ModelConfig
 from tests.plugin_support import install_example_plugin
 
 

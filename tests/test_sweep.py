@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from harness import plan as planning
+from harness.plan import planning
 from harness.results import ResultsStore, failed_record, ok_record
 from harness.sweep import SweepOptions, sweep
-from harness.train import Job
+from harness.job import Job
 
 TINY = ["data.vocab_size=512", "train.seq_len=32", "train.batch_size=4", "train.checkpoint_every=5",
         "train.log_every=5", "train.eval_tokens=1024"]

@@ -10,8 +10,9 @@ import time
 import pytest
 import torch
 
-from harness import registry
-from harness.train import Job, TrainConfig, train_job
+from harness.core import registry
+from harness.job import Job, TrainConfig
+from harness.train import train_job
 from harness.data import DataConfig
 
 SMALL = dict(seq_len=32, batch_size=4, checkpoint_every=5, log_every=1, eval_tokens=2048)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harness import registry
+from harness.core import registry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

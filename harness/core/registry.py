@@ -20,14 +20,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from models.config import ConfigError, ModelConfig
+from harness.core.config import ModelConfig
+from harness.core.errors import ConfigError, UnknownMethodError
 
 ENTRY_POINT_GROUP = "harness.plugins"
 IN_TREE_PACKAGES = ("models", "baselines")
-
-
-class UnknownMethodError(ConfigError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -78,7 +75,7 @@ def _add(name: str, cls: type, summary: str | None, source: str) -> None:
         raise ConfigError(f"plugin name {name!r} must be an identifier (letters, digits, underscore)")
     config = getattr(cls, "Config", None)
     if not (isinstance(config, type) and issubclass(config, ModelConfig)):
-        raise ConfigError(f"plugin {name!r}: {cls.__name__}.Config must subclass models.config.ModelConfig")
+        raise ConfigError(f"plugin {name!r}: {cls.__name__}.Config must subclass harness.core.config.ModelConfig")
     existing = _PLUGINS.get(name)
     if existing is not None and existing.cls is not cls:
         raise ConfigError(f"plugin name {name!r} is registered twice ({existing.cls.__module__} and "

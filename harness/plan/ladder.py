@@ -1,0 +1,106 @@
+"""The scales of the size ladder (CPU rungs, Pythia rungs) and what a method costs at a rung."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from harness.core import registry
+from harness.core.config import CPU_SIZES, PYTHIA_SIZES, SIZES
+from harness.core.errors import ConfigError
+
+CHINCHILLA_TOKENS_PER_PARAM = 20.0
+REFERENCE_METHOD = "vanilla"  # whose tokens --match tokens gives every method, and who picks the scale
+
+
+
+@dataclass(frozen=True)
+class Scale:
+    """One setting of the size ladder: its rungs and the training/data defaults its jobs use."""
+
+    name: str
+    sizes: tuple[str, ...]
+    train: dict[str, Any]  # TrainConfig fields (user --set train.X wins)
+    vocab_size: int  # BPE vocabulary when the data uses the default tokenizer
+    description: str
+    size_train: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-rung TrainConfig fields
+
+
+# Pythia (Biderman et al. 2023, table of hyper-parameters): learning rate per model size.
+PYTHIA_LR = {"70m": 1e-3, "160m": 6e-4, "410m": 3e-4, "1b": 3e-4, "1.4b": 2e-4, "2.8b": 1.6e-4}
+
+SCALES: dict[str, Scale] = {
+    "cpu": Scale("cpu", CPU_SIZES, {}, 8192,
+                 "CPU rungs, TrainConfig defaults: seq_len 128, 16 sequences per step, BPE vocabulary 8192"),
+    "pythia": Scale(
+        "pythia", PYTHIA_SIZES,
+        {"seq_len": 2048, "batch_size": 8, "grad_accum": 128, "warmup_fraction": 0.01, "min_lr_ratio": 0.1, "weight_decay": 0.01,
+         "eval_tokens": 262144, "eval_batch_size": 8, "checkpoint_every": 1000},
+        50304,
+        "Pythia rungs: seq_len 2048, 1024 sequences (2M tokens) per step as Pythia, in 128 micro-batches of "
+        "8 on one GPU per job, Pythia's lr per rung, 1% warm-up, cosine "
+        "to 10%, weight decay 0.01, vocabulary 50304 (Pythia's padded size)",
+        {size: {"lr": lr} for size, lr in PYTHIA_LR.items()}),
+}
+
+
+def scale_of(size: str) -> Scale:
+    for scale in SCALES.values():
+        if size in scale.sizes:
+            return scale
+    raise ConfigError(f"size: unknown size {size!r}; choose one of {', '.join(SIZES)}")
+
+
+@dataclass(frozen=True)
+class Counts:
+    params: int
+    non_embedding_params: int
+    train_flops_per_token: float
+    infer_flops_per_token_max: float  # analytic; adaptive methods execute less (measured in results)
+    d_model: int
+    n_layers: int
+
+
+class _SkipInitialisation(TorchFunctionMode):
+    """Make in-place initialisers no-ops while a model is built on ``meta`` (they are 5-10x the build).
+
+    Meta tensors hold no values, so nothing is lost; only shapes (hence parameter counts and FLOPs)
+    matter. A torch function mode intercepts the calls for this thread only, patching nothing.
+    """
+
+    SKIPPED = frozenset({"normal_", "uniform_", "fill_", "zero_", "trunc_normal_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.SKIPPED:
+            return args[0] if args else kwargs["tensor"]  # torch.nn.init passes it by keyword
+        return func(*args, **(kwargs or {}))
+
+
+@functools.cache
+def _count(method: str, size: str, model_overrides: str, vocab_size: int, seq_len: int) -> Counts:
+    plugin = registry.get(method)
+    config = plugin.make_config(size, {**json.loads(model_overrides), "vocab_size": vocab_size})
+    try:
+        with torch.device("meta"), _SkipInitialisation():  # shapes only: no memory, even at 2.8b
+            model = plugin.build(config)
+    except ConfigError:
+        raise
+    except Exception:
+        if SIZES[size].d_model > 256:  # a plugin that cannot be built on meta: too big to build for real
+            raise
+        model = plugin.build(config)
+    return Counts(model.num_params(), model.num_params(non_embedding=True),
+                  float(model.train_flops_per_token(seq_len)), float(model.analytic_flops_per_token(seq_len)),
+                  config.d_model, config.n_layers)
+
+
+def count(method: str, size: str, model_overrides: dict[str, Any], vocab_size: int, seq_len: int) -> Counts:
+    """Parameters and per-token FLOPs of ``method`` at ``size`` (built on the meta device, cached)."""
+    return _count(method, size, json.dumps(model_overrides, sort_keys=True, default=str), vocab_size, seq_len)
+
+
