@@ -104,6 +104,22 @@ class AdaPonder(LanguageModel):
     """AdaPonderLM-style gated pondering: per-iteration MLP gates, monotone halting, KV reuse."""
 
     Config = AdaPonderConfig
+    adaptive = True
+    test_variants = {"n1": {"max_iterations": 1},
+                     "n2_unscaled": {"max_iterations": 2, "n_layers": 2, "ponder_scale_token": False}}
+
+    def max_extra_steps(self) -> int:
+        return self.config.max_iterations - 1
+
+    @torch.no_grad()
+    def force_steps(self, steps: int) -> None:
+        """Zero gate output weights; biases under which every token halts after iteration steps + 1."""
+        depth = steps + 1
+        if not 1 <= depth <= self.config.max_iterations:
+            raise ValueError(f"cannot force {steps} extra iterations with max_iterations={self.config.max_iterations}")
+        for i, gate in enumerate(self.gates, start=1):  # gate i: halt after iteration i iff q_i >= 0.5
+            gate[2].weight.zero_()
+            gate[2].bias.fill_(20.0 if i >= depth else -20.0)
 
     def __init__(self, config: AdaPonderConfig):
         super().__init__(config)
@@ -150,10 +166,10 @@ class AdaPonder(LanguageModel):
             own_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
             def soft_reuse(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                own_kv.append((k, v))
+                own_kv.append((k, v))  # noqa: B023 (called within this iteration, by run_blocks below)
                 if halted_kv[layer] is None:  # iteration 1: c_1 = 1, nothing halted yet
                     return k, v
-                c = reach[:, None, :, None].to(k.dtype)
+                c = reach[:, None, :, None].to(k.dtype)  # noqa: B023 (likewise)
                 return halted_kv[layer][0] + c * k, halted_kv[layer][1] + c * v
 
             plan.kv_hook = soft_reuse
@@ -281,6 +297,10 @@ class AdaPonder(LanguageModel):
             mixtures = queries if i >= 2 else 0.0  # the pondering embedding that fed iteration i
             total += compute.head_flops(cfg.d_model, cfg.vocab_size, queries + mixtures)
         return total
+
+    def decode_flops(self, steps: torch.Tensor | None, valid: torch.Tensor | None = None) -> float:
+        depths = steps + 1 if valid is None else torch.where(valid, steps + 1, 0)
+        return self.analytic_flops_for_depths(depths)
 
     def analytic_flops_per_token(self, seq_len: int, training: bool = False) -> float:
         """Training runs every iteration densely; inference at most the same (every token N passes)."""

@@ -1,10 +1,10 @@
-"""Looped transformer: the whole block stack applied K+1 times with shared weights (DESIGN.md section 5).
+"""Looped transformer: the whole block stack applied K+1 times with shared weights (docs/design.md, "Looped").
 
     h^(0) = embed(x),   h^(k+1) = blocks(h^(k)) for k = 0..K,   logits = head(norm(h^(K+1)))
 
 The residual stream of one loop is the next loop's input unchanged: no norm in between (the final
 norm is applied once, after the last loop) and no re-injection of the input embedding. Decided here:
-the DESIGN describes plain looping, and anything added between loops (input injection, per-loop
+the design describes plain looping, and anything added between loops (input injection, per-loop
 embeddings) would be extra parameters or compute that the other baselines do not get.
 
 Compute: (K+1) x the block FLOPs of a vanilla model of the same shape, plus one head, at 1 x the
@@ -44,6 +44,10 @@ class Looped(LanguageModel):
     """Looped transformer: the L-block stack applied loops+1 times with shared weights, final norm once."""
 
     Config = LoopedConfig
+    test_variants = {"loops0": {"loops": 0}, "loops2": {"loops": 2}}
+
+    def max_extra_steps(self) -> int:
+        return self.config.loops
 
     @property
     def n_passes(self) -> int:

@@ -137,6 +137,32 @@ class MixtureOfRecursions(LanguageModel):
     """Mixture-of-Recursions: unshared first/last layers, a shared middle block applied 1..R times."""
 
     Config = MoRConfig
+    adaptive = True
+    test_variants = {"token": {"routing": "token"}, "r1": {"recursions": 1},
+                     "r1_token": {"recursions": 1, "routing": "token"},
+                     "r2_gqa_capacity": {"recursions": 2, "n_layers": 2, "unshared_last": 0, "n_heads": 4,
+                                         "n_kv_heads": 2, "capacity": (0.5,)}}
+
+    def max_extra_steps(self) -> int:
+        return self.config.recursions - 1
+
+    @torch.no_grad()
+    def force_steps(self, steps: int) -> None:
+        """Zero router weights; biases that send every token through exactly steps + 1 recursions."""
+        depth, cfg = steps + 1, self.config
+        if not 1 <= depth <= cfg.recursions:
+            raise ValueError(f"cannot force {steps} extra recursions with recursions={cfg.recursions}")
+        for router in self.routers:
+            router.weight.zero_()
+        if cfg.routing == "expert":  # continue at recursion r iff sigmoid(bias) >= 0.5
+            for r, router in enumerate(self.routers, start=2):
+                router.bias.fill_(20.0 if r <= depth else -20.0)
+        elif self.routers:  # token choice: argmax picks the depth
+            self.routers[0].bias.copy_(F.one_hot(torch.tensor(depth - 1), cfg.recursions) * 20.0)
+
+    def training_flops_exact(self) -> bool:
+        """Token choice's training cost follows the learned routing (the analytic count is balanced)."""
+        return self.config.routing == "expert" or self.config.recursions == 1
 
     def __init__(self, config: MoRConfig):
         super().__init__(config)
@@ -277,6 +303,10 @@ class MixtureOfRecursions(LanguageModel):
             n_layers = self.config.n_layers if r == 1 else self.config.n_middle
             total += self._stack_flops(n_layers, float(active.sum()), pairs)
         return total + compute.head_flops(self.config.d_model, self.config.vocab_size, float(real.sum()))
+
+    def decode_flops(self, steps: torch.Tensor | None, valid: torch.Tensor | None = None) -> float:
+        depths = steps + 1 if valid is None else torch.where(valid, steps + 1, 0)
+        return self.analytic_flops_for_depths(depths)
 
     def analytic_flops_per_token(self, seq_len: int, training: bool = False) -> float:
         """Inference: the maximum (every token takes R recursions). Training: see the module docstring."""

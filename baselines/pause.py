@@ -1,4 +1,4 @@
-"""Pause tokens: K learned pause embeddings after every token (DESIGN.md section 5).
+"""Pause tokens: K learned pause embeddings after every token (docs/design.md, "Pause").
 
 Sequence layout (as PonderLM-2's, with learned inputs instead of fed-back hidden states):
 
@@ -53,6 +53,10 @@ class Pause(LanguageModel):
     """Pause tokens: K learned embeddings after every token, sharing its position; predict from the last."""
 
     Config = PauseConfig
+    test_variants = {"pause0": {"pause_tokens": 0}, "pause2": {"pause_tokens": 2}}
+
+    def max_extra_steps(self) -> int:
+        return self.config.pause_tokens
 
     def __init__(self, config: PauseConfig):
         super().__init__(config)

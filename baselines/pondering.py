@@ -1,4 +1,4 @@
-"""PonderLM (v1): pondering embeddings fed back over P extra full passes (DESIGN.md section 5).
+"""PonderLM (v1): pondering embeddings fed back over P extra full passes (docs/design.md, "PonderLM-1 (pondering)").
 
 Zeng et al. 2025, "Pretraining Language Models to Ponder in Continuous Space" (method section): pass p maps
 input embeddings E^p to a next-token distribution P^p; instead of sampling a token, the pondering
@@ -75,6 +75,12 @@ class Pondering(LanguageModel):
     """PonderLM v1: P extra passes, each feeding back the predicted distribution's embedding mixture."""
 
     Config = PonderingConfig
+    test_variants = {"steps0": {"ponder_steps": 0}, "steps2": {"ponder_steps": 2},
+                     "top_k_gqa": {"ponder_steps": 1, "ponder_top_k": 7, "n_heads": 4, "n_kv_heads": 2,
+                                   "ponder_scale_token": False}}
+
+    def max_extra_steps(self) -> int:
+        return self.config.ponder_steps
 
     @property
     def n_passes(self) -> int:

@@ -1,6 +1,6 @@
 """Vanilla: the shared backbone alone.
 
-Its size ladder (``--size pico ... 2.8b``, models/config.py) gives the "bigger model at equal
+Its size ladder (``--size pico ... 2.8b``, harness/core/config.py) gives the "bigger model at equal
 inference FLOPs" points every adaptive method must beat.
 """
 
@@ -23,3 +23,4 @@ class Vanilla(LanguageModel):
     """The LLaMA-style backbone alone: one pass of L blocks per token."""
 
     Config = VanillaConfig
+    test_variants = {"gqa": {"n_heads": 4, "n_kv_heads": 2}}

@@ -81,7 +81,8 @@ def load_records(path: str | pathlib.Path) -> TokenRecords:
         with np.load(path, allow_pickle=False) as data:
             missing = [name for name in RECORD_FIELDS if name not in data.files]
             if missing:
-                raise AnalysisError(f"{path} lacks the array(s) {', '.join(missing)} (has {', '.join(data.files) or 'none'}); "
+                raise AnalysisError(f"{path} lacks the array(s) {', '.join(missing)} "
+                                    f"(has {', '.join(data.files) or 'none'}); "
                                     f"re-evaluate the job (python -m harness eval {path.parent})")
             arrays = {name: np.asarray(data[name]).reshape(-1) for name in RECORD_FIELDS}
     except AnalysisError:
@@ -96,7 +97,8 @@ def load_records(path: str | pathlib.Path) -> TokenRecords:
         raise AnalysisError(f"{path} holds no records; re-evaluate the job with train.eval_tokens > 0")
     for name in ("token", "steps"):
         if not np.issubdtype(arrays[name].dtype, np.integer):
-            raise AnalysisError(f"{path}: '{name}' has dtype {arrays[name].dtype}, expected integers; re-evaluate the job")
+            raise AnalysisError(f"{path}: '{name}' has dtype {arrays[name].dtype}, expected integers; "
+                                "re-evaluate the job")
     nll = arrays["nll"].astype(np.float64)
     bad = int((~np.isfinite(nll)).sum())
     if bad:

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "train and evaluate every method at matched compute (Ray)",
     "plot": "Pareto plots of a results directory",
     "table": "the comparison table of a results directory",
+    "claims": "test the PonderLM-3 paper's claims C1-C5 on a study's results",
     "bench": "speed benchmarks against the reference implementations",
     "tasks": "list the downstream tasks available offline",
 }

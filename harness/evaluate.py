@@ -13,7 +13,8 @@ import contextlib
 import math
 import pathlib
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,6 +81,16 @@ def parallel_loss(model, windows, batch_size, device, autocast) -> float:
     return total / tokens
 
 
+def bits_per_byte(nll: np.ndarray, targets: np.ndarray, token_bytes: np.ndarray) -> float:
+    """Sum of the targets' NLLs (nats) / (ln 2 x the UTF-8 bytes those targets stand for).
+
+    Comparable across tokenizers, unlike perplexity (docs/design.md, "Evaluation"). Special tokens
+    (the end-of-document token) stand for no text: their NLL counts, their bytes are 0.
+    """
+    n_bytes = int(token_bytes[np.asarray(targets, dtype=np.int64)].sum())
+    return float(np.asarray(nll, dtype=np.float64).sum() / (math.log(2) * n_bytes)) if n_bytes else float("nan")
+
+
 def evaluate_model(model, corpus: TokenizedCorpus, cfg, device: torch.device,
                    records_path: str | pathlib.Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Perplexity, measured inference FLOPs per token, train/inference gaps and step statistics."""
@@ -97,6 +108,7 @@ def evaluate_model(model, corpus: TokenizedCorpus, cfg, device: torch.device,
     parallel = parallel_loss(model, windows, cfg.eval_batch_size, device, autocast)
     result: dict[str, Any] = {
         "val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": int(totals.tokens),
+        "val_bits_per_byte": bits_per_byte(records["nll"], records["token"], corpus.tokenizer.token_bytes()),
         "infer_flops_per_token": totals.per_token("forward_flops"),
         "infer_flops_per_token_analytic_max": model.analytic_flops_per_token(cfg.seq_len),
         "parallel_val_loss": parallel, "parallel_gap": parallel - loss,
@@ -104,10 +116,11 @@ def evaluate_model(model, corpus: TokenizedCorpus, cfg, device: torch.device,
     if reports_steps:
         result["mean_extra_steps"] = float(records["steps"].mean())
         result["max_extra_steps"] = int(records["steps"].max())
-    if hasattr(model.config, "eval_jacobi_passes"):  # the PonderLM family's parallel form is Jacobi
-        if getattr(model.config, "prune_threshold", 0.0) > 0:
-            # PonderLM-3: the Jacobi fixed point is exact decoding with nothing pruned (tau = 0)
-            with config_override(model, prune_threshold=0.0):
+    spec = model.evaluation_spec()
+    if spec.jacobi:  # the parallel form is a Jacobi solve of decoding (the PonderLM family)
+        if spec.exact_overrides:
+            # e.g. PonderLM-3: the Jacobi fixed point is exact decoding with nothing pruned (tau = 0)
+            with config_override(model, **spec.exact_overrides):
                 exact, *_ = deployed_loss(model, windows, cfg.eval_batch_size, device, autocast)
             result["exact_val_loss"] = exact
             result["jacobi_gap"] = parallel - exact

@@ -90,7 +90,7 @@ class Job:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Job":
+    def from_dict(cls, d: dict[str, Any]) -> Job:
         d = dict(d)
         d["train"] = dataclass_from(TrainConfig, d.get("train", {}))
         d["data"] = dataclass_from(DataConfig, d.get("data", {}))

@@ -8,7 +8,7 @@ Layout of a sweep folder ``OUT``::
                       safe to delete once runs.jsonl holds the job (reports read only runs.jsonl)
     *.png, table.*    plots and tables written by ``harness.report``
 
-A record is the job's ``result.json`` plus ``job_id`` (:meth:`harness.train.Job.job_id`, a hash of the
+A record is the job's ``result.json`` plus ``job_id`` (:meth:`harness.job.Job.job_id`, a hash of the
 resolved job), ``status`` ("ok" or "failed", with a one-line ``error``), ``job`` (the resolved job, so a
 record is self-contained) and bookkeeping (``recorded_at``, ``attempt``, ``resumed_from_step``).
 

@@ -39,21 +39,18 @@ from tqdm.auto import tqdm
 
 from harness import checkpoint, report
 from harness import plan as planning
+from harness.analyze import analyze
 from harness.core.errors import CheckpointError, HarnessError, SweepError
-from harness.core.io import file_lock, write_json_atomic
+from harness.core.io import file_lock, write_bytes_atomic, write_json_atomic
 from harness.data import load_corpus
 from harness.job import Job
 from harness.lmeval.runner import evaluate_downstream
 from harness.results import OK, PLAN_FILE, ResultsStore, failed_record, ok_record, one_line
 from harness.train import train_job
 
-# The embedded default sweep: what `python -m harness sweep` runs without --budget. Its sizes come from
-# the ladder rule (the CPU rungs nearest Chinchilla-optimal at this budget: pico and nano for every
-# method); downstream tasks run on their first 50 documents, zero-shot (chance-level at this scale: they
-# show the pipeline end to end, not a finding). Measured wall time on a 2-core
-# CPU (2 jobs at once, one thread each) is in results/reference/README.md.
-DEFAULT_SWEEP: dict[str, Any] = {"budget": 3e11, "rungs": 2, "tasks": ["arc_easy", "piqa", "lambada"],
-                                 "task_limit": 50}
+# What `python -m harness sweep` runs with neither --study nor --budget (harness/studies/quick.toml).
+DEFAULT_STUDY = "quick"
+STUDY_COPY = "study.toml"  # the study file a sweep ran, kept beside its results
 CONFIRM_HOURS = 24.0  # a plan estimated to need longer than this (wall, on the hardware found) asks first
 DEFAULT_RETRIES = 2
 WORKER_FILE = "worker.json"  # written by a running task into its job folder: pid, host, sweep token
@@ -76,6 +73,7 @@ class SweepOptions:
     progress: bool = True
     reports: bool = True
     verbose: bool = False  # forward workers' logs to the driver
+    study_text: str | None = None  # the study file's text, copied into the output folder
 
 
 @dataclass
@@ -126,6 +124,20 @@ def execute_job(job_dict: dict[str, Any], root: str, token: str, tasks: list[str
         return _execute_locked(job, folder, store, token, tasks, num_fewshot, task_limit)
 
 
+def token_analysis(folder: pathlib.Path) -> dict[str, Any]:
+    """Where an adaptive job spent its steps, in the few numbers claim C3 needs (the rest stays on disk).
+
+    :func:`harness.analyze.analyze` also writes its plot, table and summary into the job folder.
+    """
+    summary = analyze(folder)
+    rare = summary["rare_vs_frequent"]
+    return {"spearman_steps_nll": summary["spearman_steps_nll"]["rho"],
+            "spearman_steps_nll_pvalue": summary["spearman_steps_nll"]["pvalue"],
+            "rare_mean_steps": (rare.get("rare") or {}).get("steps_mean"),
+            "frequent_mean_steps": (rare.get("frequent") or {}).get("steps_mean"),
+            "rare_vs_frequent_pvalue": rare.get("pvalue"), "step_histogram": summary["step_histogram"]}
+
+
 def _execute_locked(job, folder: pathlib.Path, store: ResultsStore, token: str, tasks: list[str], num_fewshot: int,
                     task_limit: int | None) -> dict[str, Any]:
     attempt, resumed_from = _note_worker(folder, token)
@@ -136,6 +148,12 @@ def _execute_locked(job, folder: pathlib.Path, store: ResultsStore, token: str, 
         record = failed_record(job, one_line(exc), **extra)
         store.append(record)
         return record
+    if "mean_extra_steps" in result and "token_analysis" not in result:
+        try:
+            result["token_analysis"] = token_analysis(folder)
+            write_json_atomic(folder / "result.json", result)
+        except HarnessError as exc:  # the trained model is still a result worth keeping
+            extra["token_analysis_error"] = one_line(exc)
     missing = [t for t in tasks if t not in result.get("downstream", {})]
     if missing:
         # lm-eval bootstraps standard errors in a fork()ed multiprocessing pool; fork() inside a Ray
@@ -306,6 +324,8 @@ def sweep(request: planning.PlanRequest, options: SweepOptions) -> SweepOutcome:
                 outcome.plan = plan
         store.root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(store.root / PLAN_FILE, plan.to_dict())
+        if options.study_text is not None:
+            write_bytes_atomic(store.root / STUDY_COPY, options.study_text.encode("utf-8"))
 
         latest = store.latest()
         todo = [j for j in plan.jobs if not _finished(latest.get(j.job_id), options.tasks)]

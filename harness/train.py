@@ -1,6 +1,6 @@
 """Train one :class:`~harness.job.Job` to its FLOPs budget, then evaluate it.
 
-* Tokens = budget / training FLOPs per token of that method and size (DESIGN.md section 4); the
+* Tokens = budget / training FLOPs per token of that method and size (docs/design.md, "Compute accounting"); the
   achieved training FLOPs are measured by the compute ledger and recorded beside the budget.
 * AdamW, linear warm-up then cosine decay, gradient clipping, bf16 autocast on GPU.
 * Determinism: batch b of step s is drawn from a generator seeded by (seed, s), and torch's RNG is
@@ -64,21 +64,9 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bool = False) -> dict[str, Any]:
     """Run (or resume, or return the finished result of) ``job`` in folder ``out``."""
     out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    job_file = out / "job.json"
-    if force:
-        for stale in ("checkpoint", "result.json", "metrics.jsonl", "tokens.npz"):
-            path = out / stale
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    elif job_file.exists():
-        previous = read_json(job_file, "job description")
-        if previous != json.loads(json.dumps(job.to_dict(), default=str)):
-            raise ConfigError(f"{out} holds a different job ({previous.get('method')}, budget "
-                              f"{previous.get('budget'):g}); use another --out or pass --force to start over")
-        result_file = out / "result.json"
-        if result_file.exists():
-            return read_json(result_file, "result")
-    write_json_atomic(job_file, job.to_dict())
+    finished = _claim_folder(job, out, force)
+    if finished is not None:
+        return finished
 
     started = time.time()
     torch.manual_seed(job.seed)
@@ -90,30 +78,12 @@ def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bo
 
     tokens_per_step = cfg.tokens_per_step
     flops_per_token = model.train_flops_per_token(cfg.seq_len)
-    steps = round(job.budget / (flops_per_token * tokens_per_step))
-    if steps < 1:
-        raise TrainingError(
-            f"budget {job.budget:.3g} FLOPs buys less than one step of {job.method} at size {job.size} "
-            f"({flops_per_token * tokens_per_step:.3g} FLOPs per step); raise --budget or lower "
-            "train.batch_size / train.grad_accum / train.seq_len")
-    if len(corpus.train) < cfg.seq_len + 2:
-        raise TrainingError(f"training split has {len(corpus.train)} tokens, fewer than one sequence of "
-                            f"{cfg.seq_len}; use more data or a smaller train.seq_len")
+    steps = _total_steps(job, flops_per_token, len(corpus.train))
 
     optimizer = build_optimizer(model, cfg)
     ckpt_dir = out / "checkpoint"
     metrics_file = out / "metrics.jsonl"
-    start_step, measured, seconds_before = 0, compute.LedgerTotals(), 0.0
-    if (ckpt_dir / "state.json").exists():
-        state = checkpoint.load_state(ckpt_dir)
-        checkpoint.load_weights(ckpt_dir, model)
-        checkpoint.load_optimizer(ckpt_dir, optimizer, state["optimizer"])
-        start_step = int(state["step"])
-        measured = compute.LedgerTotals(**state["ledger"])
-        seconds_before = float(state.get("train_seconds", 0.0))
-        _truncate_metrics(metrics_file, start_step)
-    elif metrics_file.exists():
-        metrics_file.unlink()
+    start_step, measured, seconds_before = _resume(ckpt_dir, metrics_file, model, optimizer)
 
     def save(step: int, train_seconds: float) -> None:
         checkpoint.save(ckpt_dir, model, optimizer, {
@@ -185,6 +155,59 @@ def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bo
     result["wall_seconds"] = time.time() - started + seconds_before
     write_json_atomic(out / "result.json", result)
     return result
+
+
+def _claim_folder(job: Job, out: pathlib.Path, force: bool) -> dict[str, Any] | None:
+    """Make ``out`` the folder of ``job`` (wiped first with ``force``); the finished result if it has one."""
+    out.mkdir(parents=True, exist_ok=True)
+    job_file = out / "job.json"
+    if force:
+        for stale in ("checkpoint", "result.json", "metrics.jsonl", "tokens.npz"):
+            path = out / stale
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    elif job_file.exists():
+        previous = read_json(job_file, "job description")
+        if previous != json.loads(json.dumps(job.to_dict(), default=str)):
+            raise ConfigError(f"{out} holds a different job ({previous.get('method')}, budget "
+                              f"{previous.get('budget'):g}); use another --out or pass --force to start over")
+        result_file = out / "result.json"
+        if result_file.exists():
+            return read_json(result_file, "result")
+    write_json_atomic(job_file, job.to_dict())
+    return None
+
+
+def _total_steps(job: Job, flops_per_token: float, train_tokens: int) -> int:
+    """The optimizer steps that ``job.budget`` buys; a TrainingError if that is none or the data is too short."""
+    cfg = job.train
+    tokens_per_step = cfg.tokens_per_step
+    steps = round(job.budget / (flops_per_token * tokens_per_step))
+    if steps < 1:
+        raise TrainingError(
+            f"budget {job.budget:.3g} FLOPs buys less than one step of {job.method} at size {job.size} "
+            f"({flops_per_token * tokens_per_step:.3g} FLOPs per step); raise --budget or lower "
+            "train.batch_size / train.grad_accum / train.seq_len")
+    if train_tokens < cfg.seq_len + 2:
+        raise TrainingError(f"training split has {train_tokens} tokens, fewer than one sequence of "
+                            f"{cfg.seq_len}; use more data or a smaller train.seq_len")
+    return steps
+
+
+def _resume(ckpt_dir: pathlib.Path, metrics_file: pathlib.Path, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer) -> tuple[int, compute.LedgerTotals, float]:
+    """Load the checkpoint into ``model`` and ``optimizer`` if there is one: (step, ledger totals, seconds)."""
+    if not (ckpt_dir / "state.json").exists():
+        if metrics_file.exists():
+            metrics_file.unlink()
+        return 0, compute.LedgerTotals(), 0.0
+    state = checkpoint.load_state(ckpt_dir)
+    checkpoint.load_weights(ckpt_dir, model)
+    checkpoint.load_optimizer(ckpt_dir, optimizer, state["optimizer"])
+    start_step = int(state["step"])
+    measured = compute.LedgerTotals(**state["ledger"])
+    seconds_before = float(state.get("train_seconds", 0.0))
+    _truncate_metrics(metrics_file, start_step)
+    return start_step, measured, seconds_before
 
 
 def _checkpoint_step(ckpt_dir: pathlib.Path) -> int:

@@ -14,8 +14,8 @@ Given the same weights and ``ponder_init=False``, logits equal ``transformers.Ll
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -522,7 +522,10 @@ class Decoder(nn.Module):
 
     def analytic_forward_flops(self, block_queries: float, key_pairs: float, head_positions: float,
                                n_block_passes: float = 1.0) -> float:
-        """FLOPs of ``n_block_passes`` passes of the L-block stack plus the head (DESIGN.md section 4)."""
+        """FLOPs of ``n_block_passes`` passes of the L-block stack plus the head.
+
+        See docs/design.md, "Compute accounting".
+        """
         per_stack = self.cfg.n_layers * compute.block_flops(
             self.block_matmul_params, self.cfg.n_heads * self.cfg.head_dim, block_queries, key_pairs)
         return n_block_passes * per_stack + compute.head_flops(self.cfg.d_model, self.cfg.vocab_size,

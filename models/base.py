@@ -1,4 +1,4 @@
-"""The plugin contract (DESIGN.md section 3): what every method provides to the harness.
+"""The plugin contract (docs/design.md, "The plugin contract"): what every method provides to the harness.
 
 A method is a :class:`LanguageModel` subclass with a typed ``Config`` (a :class:`ModelConfig`
 subclass), registered by name. It implements
@@ -6,11 +6,30 @@ subclass), registered by name. It implements
 * :meth:`forward` -- the training forward: ids and targets -> loss (with any auxiliary loss) and stats;
 * :meth:`new_cache` and :meth:`decode` -- deployed inference, incremental with a KV cache
   (hard pruning, exact sequential latent steps, ...);
-* :meth:`analytic_flops_per_token` -- the FLOPs the tests compare with the ledger's measurement.
+* :meth:`analytic_flops_per_token` -- the FLOPs the tests compare with the ledger's measurement
+  (and :meth:`decode_flops`, the count for the steps actually taken, where they vary).
 
 :meth:`score` (per-token log-probabilities the way the method is deployed) and
 :meth:`train_flops_per_token` (for budget matching) follow from those and rarely need overriding.
 The default implementations are the vanilla decoder's, so a method states only what differs.
+
+Declarations (read by the harness and the contract tests, never guessed from names or attributes):
+
+* ``adaptive`` and :meth:`max_extra_steps` / :meth:`force_steps` -- whether tokens take a varying
+  number of extra steps, the most they may take, and how to make every token take a given number;
+* :meth:`evaluation_spec` -- extra evaluation metrics (:class:`EvalSpec`: Jacobi gaps, exact decoding);
+* :meth:`training_flops_exact` -- whether the ledger's training count equals the analytic one;
+* ``bench_roles`` and ``fixed_twin`` -- the benchmarks a method takes part in (:data:`BENCH_ROLES`);
+* ``test_variants`` -- config overrides every contract test also runs (tests/test_contract.py).
+
+A plugin declares, for example::
+
+    @register("my_method")
+    class MyMethod(LanguageModel):
+        Config = MyConfig
+        adaptive = True
+        test_variants = {"depth1": {"max_depth": 1}, "token": {"routing": "token"}}
+        def max_extra_steps(self) -> int: return self.config.max_depth - 1
 """
 
 from __future__ import annotations
@@ -25,6 +44,29 @@ from torch import nn
 from harness.core import compute
 from harness.core.config import ModelConfig
 from models.backbone import IGNORE_INDEX, Decoder, KVCache
+
+# Benchmark roles (harness/bench): what a method declares in ``bench_roles`` to take part.
+JACOBI_TRAINING = "jacobi_training"  # training is a Jacobi solve: Config.jacobi_passes (the J drawn)
+#                                      and forward(..., jacobi_passes=J) time each J against vanilla
+PRUNED_DECODING = "pruned_decoding"  # adaptive decoding against its ``fixed_twin`` (same decoder
+#                                      weights, every step taken); needs max_extra_steps/force_steps
+#                                      and ``steps_field``, the config field that sets the maximum
+BENCH_ROLES = frozenset({JACOBI_TRAINING, PRUNED_DECODING})
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Extra evaluation metrics a method asks for (harness/evaluate.py).
+
+    ``jacobi``: the parallel (training-form) loss is a Jacobi solve of deployed decoding, so their
+    difference is reported as ``jacobi_gap``. ``exact_overrides``: config changes under which deployed
+    decoding is the exact fixed point of that solve (PonderLM-3 with tau > 0: ``prune_threshold=0``);
+    when given, the loss under them is reported as ``exact_val_loss``, ``jacobi_gap`` is measured
+    against it and ``consistency_gap`` against deployed decoding.
+    """
+
+    jacobi: bool = False
+    exact_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,6 +96,14 @@ class LanguageModel(nn.Module):
     """Base class of every registered method; as it stands, the vanilla decoder."""
 
     Config: ClassVar[type[ModelConfig]] = ModelConfig
+    # Tokens take a varying number of extra steps (routing, halting, pruning): inference FLOPs are
+    # at most analytic_flops_per_token, and force_steps(max_extra_steps()) reaches it.
+    adaptive: ClassVar[bool] = False
+    bench_roles: ClassVar[frozenset[str]] = frozenset()  # a subset of BENCH_ROLES
+    fixed_twin: ClassVar[str | None] = None  # registered method: this one with every step taken
+    steps_field: ClassVar[str | None] = None  # config field setting max_extra_steps (PRUNED_DECODING)
+    # Named config overrides the contract tests run besides the defaults (e.g. K=0, another routing).
+    test_variants: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -97,16 +147,49 @@ class LanguageModel(nn.Module):
         steps = None if out.steps is None else out.steps.masked_fill(~valid, 0)
         return ScoreOutput(picked.masked_fill(~valid, 0.0), steps)
 
+    # -- declarations -----------------------------------------------------------------------------
+
+    def max_extra_steps(self) -> int:
+        """The most extra steps a token may take (the ``steps`` of :class:`DecodeOutput`); 0 here."""
+        return 0
+
+    def force_steps(self, steps: int) -> None:
+        """Make every token take exactly ``steps`` extra steps at deployed inference (tests, benchmarks).
+
+        Adaptive methods set their routing to do so; a fixed-compute method takes its steps already.
+        """
+        if self.adaptive or steps != self.max_extra_steps():
+            raise NotImplementedError(f"{type(self).__name__} cannot force {steps} extra steps per token")
+
+    def evaluation_spec(self) -> EvalSpec:
+        """Extra evaluation metrics of this method (none here)."""
+        return EvalSpec()
+
+    def training_flops_exact(self) -> bool:
+        """Whether the ledger's count of one training forward is analytic_flops_per_token(training=True)
+        x tokens exactly (False where it is an expectation: sampled passes, learned routing)."""
+        return True
+
     # -- compute --------------------------------------------------------------------------------
 
     def analytic_flops_per_token(self, seq_len: int, training: bool = False) -> float:
-        """Forward FLOPs per token of one sequence of ``seq_len`` tokens (DESIGN.md section 4).
+        """Forward FLOPs per token of one sequence of ``seq_len`` tokens (docs/design.md, "Compute accounting").
 
         ``training=True`` gives the training forward's passes (each counted once); for inference,
         adaptive methods may report their maximum here: the ledger measures what actually ran.
         """
         return self.decoder.analytic_forward_flops(
             seq_len, compute.causal_key_pairs(seq_len), seq_len) / seq_len
+
+    def decode_flops(self, steps: torch.Tensor | None, valid: torch.Tensor | None = None) -> float:
+        """Forward FLOPs of deployed decoding of fresh rows [B, T] whose tokens took ``steps`` extra steps.
+
+        ``valid`` marks real tokens (right padding). Here, a fixed-compute method: each row of n real
+        tokens costs n x analytic_flops_per_token(n), whatever ``steps`` says. Adaptive methods override.
+        """
+        shape = (steps if steps is not None else valid).shape
+        lengths = [shape[-1]] * shape[0] if valid is None else valid.sum(dim=-1).tolist()
+        return float(sum(n * self.analytic_flops_per_token(n) for n in lengths if n))
 
     def train_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward) for budget matching: 3x every graded pass.
@@ -120,5 +203,5 @@ class LanguageModel(nn.Module):
         return total - self.decoder.embed_tokens.weight.numel() if non_embedding else total
 
 
-__all__ = ["DecodeOutput", "IGNORE_INDEX", "KVCache", "LanguageModel", "ScoreOutput", "TrainOutput",
-           "next_token_loss"]
+__all__ = ["BENCH_ROLES", "DecodeOutput", "EvalSpec", "IGNORE_INDEX", "JACOBI_TRAINING", "KVCache",
+           "LanguageModel", "PRUNED_DECODING", "ScoreOutput", "TrainOutput", "next_token_loss"]

@@ -1,4 +1,4 @@
-"""PonderLM-2: K latent thoughts per token, trained with Jacobi passes, decoded exactly (DESIGN.md 5).
+"""PonderLM-2: K latent thoughts per token, trained with Jacobi passes, decoded exactly (docs/design.md, "PonderLM-2").
 
 What differs from the shared backbone
 -------------------------------------
@@ -52,7 +52,7 @@ from harness.core import compute
 from harness.core.config import ModelConfig, require
 from harness.core.registry import register
 from models.backbone import KVCache
-from models.base import DecodeOutput, LanguageModel, TrainOutput
+from models.base import JACOBI_TRAINING, DecodeOutput, EvalSpec, LanguageModel, TrainOutput
 
 
 @dataclass
@@ -87,7 +87,7 @@ class LatentCache:
 
 @dataclass
 class Decision:
-    """What the router decided for one decoded token, for a batch [B] (DESIGN.md 5, PonderLM-3).
+    """What the router decided for one decoded token, for a batch [B] (docs/design.md, "PonderLM-3").
 
     ``log_w`` [B, K+1]: key bias of slot (t,k) (None = all 0, PonderLM-2); ``steps`` [B]: K_t, the latent
     steps to execute; ``weights`` [B, K+1]: readout mixture over slot outputs (None = slot K alone).
@@ -109,6 +109,19 @@ class PonderLM2(LanguageModel):
 
     Config = PonderLM2Config
     config: PonderLM2Config
+    bench_roles = frozenset({JACOBI_TRAINING})
+    test_variants = {"K0": {"latent_steps": 0}, "K2_J2": {"latent_steps": 2, "jacobi_passes": (2,)},
+                     "K2_J2_init_no_grad": {"latent_steps": 2, "jacobi_passes": (2,), "init_no_grad": True}}
+
+    def max_extra_steps(self) -> int:
+        return self.config.latent_steps
+
+    def evaluation_spec(self) -> EvalSpec:
+        return EvalSpec(jacobi=True)  # the parallel forward is a Jacobi solve of decoding
+
+    def training_flops_exact(self) -> bool:
+        """J is drawn per step: one forward's count is exact only when every draw is the same J."""
+        return self.config.latent_steps == 0 or len(set(self.config.jacobi_passes)) == 1
 
     # -- hooks: PonderLM-3 overrides these; here s_{t,K} = 1 -------------------------------------
 
@@ -274,8 +287,9 @@ class PonderLM2(LanguageModel):
         real = torch.ones_like(steps, dtype=torch.bool) if valid is None else valid.to(torch.bool)
         slots = ((1 + steps) * real).sum(dim=1).tolist()
         tokens = real.sum(dim=1).tolist()
+        route = self.router_flops() if self.config.latent_steps else 0.0  # K = 0: nothing to route
         return float(sum(self.decoder.analytic_forward_flops(s, compute.causal_key_pairs(s), n)
-                         + n * self.router_flops() for s, n in zip(slots, tokens)))
+                         + n * route for s, n in zip(slots, tokens)))
 
     def _pass_flops(self, seq_len: int, n_latent: int, head: bool) -> float:
         s = (n_latent + 1) * seq_len
@@ -305,7 +319,8 @@ class PonderLM2(LanguageModel):
     def train_flops_per_token(self, seq_len: int) -> float:
         """3x the graded passes, plus the init passes at 3x (or 1x under ``init_no_grad``), mean J.
 
-        For K=1 this is (3 + 2J) x 3 x a vanilla forward (up to attention), not 3x (DESIGN.md 4).
+        For K=1 this is (3 + 2J) x 3 x a vanilla forward (up to attention), not 3x
+        (docs/design.md, "Compute accounting").
         """
         init, graded = self.training_pass_flops(seq_len)
         init_mult = 1 if self.config.init_no_grad else compute.BACKWARD_MULTIPLIER

@@ -1,4 +1,4 @@
-"""PonderLM-3: token-wise adaptive latent steps on the PonderLM-2 layout (DESIGN.md 5).
+"""PonderLM-3: token-wise adaptive latent steps on the PonderLM-2 layout (docs/design.md, "PonderLM-3").
 
 Everything PonderLM-2 does (layout, fed-back normalised hidden states, staged init passes, Jacobi
 passes, exact cached decoding) is inherited from :class:`models.ponderlm2.PonderLM2`; this file adds the
@@ -51,7 +51,7 @@ from torch import nn
 from harness.core import compute
 from harness.core.config import require
 from harness.core.registry import register
-from models.base import IGNORE_INDEX
+from models.base import IGNORE_INDEX, JACOBI_TRAINING, PRUNED_DECODING, EvalSpec
 from models.ponderlm2 import Decision, PonderLM2, PonderLM2Config, tail_log_mass
 
 
@@ -62,11 +62,24 @@ class PonderLM3Config(PonderLM2Config):
     latent_steps: int = 3  # K: the most extra steps a token may take (decided: 3, room to adapt)
     compute_penalty: float = 0.01  # lambda on the expected extra steps per token (nats per step)
     prune_threshold: float = 1e-4  # tau: keep step k at inference iff w_{t,k} >= tau (0 = keep all)
+    router_temperature: float = 0.1  # T in s = softmax(router(h) / T); see the note below
+
+    # router_temperature: the paper is silent on it (it names the router, the penalty and tau, not how
+    # the router's logits are scaled). T = 1 is the plain softmax; T < 1 scales the logits up, so the
+    # penalty's pull on a tail mass w, which is proportional to w, moves the logits 1/T times faster and
+    # tail masses cross tau within a CPU-length run. The measurement that chose 0.1 (pico, K = 3, vocab
+    # 2048, 84k-166k training tokens, deployed decoding at tau = 1e-4, docs/design.md "PonderLM-3"):
+    #   T = 1,   lambda = 1:    2.97 of 3 extra steps (nothing pruned; expected steps in training ~0)
+    #   T = 0.1, lambda = 0.01: 2.53 extra steps, Spearman(steps, NLL) = +0.12, rare 2.58 > frequent 2.52
+    #   T = 0.1, lambda = 0.1:  0.15 extra steps, Spearman = -0.14
+    #   T = 0.1, lambda = 1:    0.0004 extra steps (every token pruned to 0)
+    # A study sweeps lambda at this T to trace the Pareto curve; T is never tuned per claim.
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self, "compute_penalty", self.compute_penalty >= 0, "must be >= 0")
         require(self, "prune_threshold", 0 <= self.prune_threshold <= 1, "must lie in [0, 1] (0 = never prune)")
+        require(self, "router_temperature", self.router_temperature > 0, "must be > 0 (1 = the plain softmax)")
 
 
 @register("ponderlm3")
@@ -75,22 +88,52 @@ class PonderLM3(PonderLM2):
 
     Config = PonderLM3Config
     config: PonderLM3Config
+    adaptive = True
+    bench_roles = frozenset({JACOBI_TRAINING, PRUNED_DECODING})
+    fixed_twin = "ponderlm2"  # s_{t,K} = 1: every token takes all K steps
+    steps_field = "latent_steps"
+    # tau0: nothing pruned (the exact fixed point); tau0.2: a coarse tau, so tokens stop at mixed steps
+    test_variants = {**PonderLM2.test_variants, "tau0": {"prune_threshold": 0.0}, "tau0.2": {"prune_threshold": 0.2}}
 
     def __init__(self, config: PonderLM3Config):
         super().__init__(config)
-        self.router = nn.Linear(config.d_model, config.latent_steps + 1)
-        nn.init.zeros_(self.router.weight)
-        nn.init.zeros_(self.router.bias)
+        # K = 0 routes nothing: no router (a parameter no step uses would get no gradient)
+        self.router = nn.Linear(config.d_model, config.latent_steps + 1) if config.latent_steps else None
+        if self.router is not None:
+            nn.init.zeros_(self.router.weight)
+            nn.init.zeros_(self.router.bias)
+
+    def evaluation_spec(self) -> EvalSpec:
+        """The Jacobi fixed point is decoding with nothing pruned (tau = 0)."""
+        exact = {"prune_threshold": 0.0} if self.config.prune_threshold > 0 else {}
+        return EvalSpec(jacobi=True, exact_overrides=exact)
+
+    @torch.no_grad()
+    def force_steps(self, steps: int) -> None:
+        """Zero router weight; a bias under which every token keeps exactly ``steps`` latent steps.
+
+        Steps 0..steps share the mass; each later one gets a logit 30 below (after the temperature), so its
+        tail mass is about K e^-30 < 1e-12, under any threshold tau > 0, while step ``steps`` keeps
+        w >= 1 / (K + 1).
+        """
+        K = self.config.latent_steps
+        if not 0 <= steps <= K or (steps < K and self.config.prune_threshold <= 0):
+            raise ValueError(f"cannot force {steps} of K={K} steps at prune_threshold={self.config.prune_threshold}")
+        if self.router is None:  # K = 0: every token takes its 0 steps already
+            return
+        self.router.weight.zero_()
+        self.router.bias.zero_()
+        self.router.bias[steps + 1:] = -30.0 * self.config.router_temperature
 
     def route(self, h0: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
-        """log s_{t,0..K} = log_softmax(router(h_t^(0))) from normalised slot-0 outputs h0 [..., d].
+        """log s_{t,0..K} = log_softmax(router(h_t^(0)) / T) from normalised slot-0 outputs h0 [..., d].
 
         Kept in float32 (like the attention mask): log w near log(tau) must not lose bits in bf16.
         The router's matmul is real work: the ledger records it (as ``other_flops``) for counted rows.
         """
         n = h0.numel() // h0.shape[-1] if counted is None else compute.as_count(counted)
         compute.record_matmul(n * self.router_flops())
-        return F.log_softmax(self.router(h0).float(), dim=-1)
+        return F.log_softmax(self.router(h0).float() / self.config.router_temperature, dim=-1)
 
     def router_flops(self) -> float:
         return 2.0 * self.config.d_model * (self.config.latent_steps + 1)

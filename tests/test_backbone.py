@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.backbone import Decoder
 from harness.core.config import ModelConfig
+from models.backbone import Decoder
 
 CONFIGS = [
     dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=64),

@@ -1,11 +1,14 @@
-"""Adaptive baselines (Mixture-of-Recursions, AdaPonderLM-style gating): exactness, causality, padding,
-measured FLOPs of the depths actually taken, gradients and config validation."""
+"""Adaptive baselines (Mixture-of-Recursions, AdaPonderLM-style gating): what is specific to them.
+
+Cached decoding, causality, padding and the ledger's FLOPs of the depths actually taken (forced to every
+depth, via ``force_steps``) are the contract tests' for every declared variant (tests/test_contract.py);
+here: degenerate settings, routing-rule causality, per-recursion caches, KV reuse, training relaxations,
+gradients and config validation."""
 
 import pytest
 import torch
 
 from harness.core import compute, registry
-from models.base import IGNORE_INDEX
 from harness.core.config import ConfigError
 
 V = 61
@@ -27,28 +30,6 @@ def build(name, **overrides):
 
 def ids_of(batch, length):
     return torch.randint(0, V, (batch, length))
-
-
-def max_depth(model):
-    cfg = model.config
-    return cfg.recursions if hasattr(cfg, "recursions") else cfg.max_iterations
-
-
-def force_depth(model, depth):
-    """Set routers/gates so that every token takes ``depth`` recursions/iterations at inference."""
-    cfg = model.config
-    with torch.no_grad():
-        if cfg.__class__.__name__ == "MoRConfig" and cfg.routing == "expert":
-            for r, router in enumerate(model.routers, start=2):
-                router.weight.zero_()
-                router.bias.fill_(20.0 if r <= depth else -20.0)
-        elif cfg.__class__.__name__ == "MoRConfig":
-            model.routers[0].weight.zero_()
-            model.routers[0].bias.copy_(torch.nn.functional.one_hot(torch.tensor(depth - 1), cfg.recursions) * 20.0)
-        else:
-            for i, gate in enumerate(model.gates, start=1):
-                gate[2].weight.zero_()
-                gate[2].bias.fill_(20.0 if i >= depth else -20.0)
 
 
 def decode_whole(model, ids, valid=None):
@@ -80,39 +61,6 @@ def test_one_recursion_or_iteration_equals_vanilla(name, overrides):
 
 # -- deployed inference --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,overrides", METHODS, ids=IDS)
-def test_cached_decoding_equals_uncached_recomputation(name, overrides):
-    model = build(name, **overrides).eval()
-    ids = ids_of(2, 13)
-    whole = decode_whole(model, ids)
-    assert int(whole.steps.min()) < int(whole.steps.max()), "routing should give mixed depths here"
-    with torch.no_grad():
-        cache = model.new_cache(2)
-        steps = [model.decode(ids[:, t:t + 1], cache) for t in range(13)]
-        one_by_one = torch.cat([s.logits for s in steps], 1), torch.cat([s.steps for s in steps], 1)
-        cache = model.new_cache(2)
-        parts = [model.decode(ids[:, :5], cache), model.decode(ids[:, 5:], cache)]
-        prefix_chunk = torch.cat([p.logits for p in parts], 1), torch.cat([p.steps for p in parts], 1)
-        scored = model.score(ids[:, :-1], ids[:, 1:])
-    for logits, depth in (one_by_one, prefix_chunk):
-        torch.testing.assert_close(logits, whole.logits, atol=1e-5, rtol=1e-5)
-        assert torch.equal(depth, whole.steps)
-    expected = torch.log_softmax(whole.logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-    torch.testing.assert_close(scored.logprobs, expected, atol=1e-5, rtol=1e-5)
-    assert torch.equal(scored.steps, whole.steps[:, :-1])
-
-
-@pytest.mark.parametrize("name,overrides", METHODS, ids=IDS)
-def test_inference_is_causal(name, overrides):
-    model = build(name, **overrides).eval()
-    a = ids_of(2, 14)
-    b = a.clone()
-    b[:, 7:] = (a[:, 7:] + 1 + torch.randint(0, V - 1, a[:, 7:].shape)) % V  # every later token differs
-    out_a, out_b = decode_whole(model, a), decode_whole(model, b)
-    torch.testing.assert_close(out_a.logits[:, :7], out_b.logits[:, :7], atol=1e-5, rtol=1e-5)
-    assert torch.equal(out_a.steps[:, :7], out_b.steps[:, :7])
-
-
 def test_expert_choice_training_top_k_sees_the_future_but_inference_does_not():
     """Why inference uses the threshold: top-k membership of token t depends on later tokens."""
     model = build("mor", recursions=2, capacity=(0.25,)).eval()
@@ -137,31 +85,6 @@ def test_expert_choice_training_top_k_sees_the_future_but_inference_does_not():
     depths_a = decode_whole(model, a).steps[0, :first_selected + 1]
     depths_b = decode_whole(model, b).steps[0, :first_selected + 1]
     assert torch.equal(depths_a, depths_b)
-
-
-@pytest.mark.parametrize("name,overrides", METHODS, ids=IDS)
-def test_batched_scoring_with_right_padding_equals_rows_alone(name, overrides):
-    model = build(name, **overrides).eval()
-    lengths = [13, 9, 4]
-    ids = ids_of(3, 14)
-    targets = ids[:, 1:].clone()
-    for row, n in enumerate(lengths):
-        targets[row, n:] = IGNORE_INDEX
-    with compute.measure() as batched:
-        out = model.score(ids[:, :-1], targets)
-    total = 0.0
-    for row, n in enumerate(lengths):
-        with compute.measure() as alone:
-            single = model.score(ids[row:row + 1, :n], targets[row:row + 1, :n])
-        total += alone.totals.forward_flops
-        torch.testing.assert_close(out.logprobs[row, :n], single.logprobs[0], atol=1e-5, rtol=1e-5)
-        assert torch.equal(out.steps[row, :n], single.steps[0])
-        assert not out.logprobs[row, n:].any()
-    # padding is neither key, query nor head position: the batch costs exactly its rows
-    assert batched.totals.forward_flops == pytest.approx(total, rel=1e-12)
-    depths = torch.where(targets != IGNORE_INDEX, out.steps + 1, 0)
-    assert batched.totals.forward_flops == model.analytic_flops_for_depths(depths)
-    assert batched.totals.tokens == sum(lengths)
 
 
 @pytest.mark.parametrize("routing", ["expert", "token"])
@@ -192,51 +115,6 @@ def test_adaponder_reuses_halted_tokens_kv():
 
 
 # -- measured compute ----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name,overrides", METHODS, ids=IDS)
-def test_ledger_equals_analytic_for_the_depths_taken(name, overrides):
-    model = build(name, **overrides).eval()
-    ids = ids_of(2, 12)
-
-    def measured():
-        with compute.measure() as ledger:
-            out = model.score(ids[:, :-1], ids[:, 1:])
-        assert ledger.totals.train_flops == ledger.totals.forward_flops  # no_grad: counted once
-        assert ledger.totals.forward_flops == model.analytic_flops_for_depths(out.steps + 1)
-        return ledger.totals.forward_flops, out.steps
-
-    mixed, steps = measured()
-    assert int(steps.min()) < int(steps.max())
-    flops = {}
-    for depth in range(1, max_depth(model) + 1):
-        force_depth(model, depth)
-        flops[depth], steps = measured()
-        assert torch.equal(steps, torch.full_like(steps, depth - 1))
-    shallow, deep = flops[1], flops[max_depth(model)]
-    assert shallow < mixed < deep
-    assert list(flops.values()) == sorted(flops.values())  # every extra step costs
-    assert deep / 22 == pytest.approx(model.analytic_flops_per_token(11))  # inference maximum
-    # cached token-by-token decoding does the same work as one call
-    with compute.measure() as ledger, torch.no_grad():
-        cache = model.new_cache(2)
-        for t in range(11):
-            model.decode(ids[:, t:t + 1], cache)
-    assert ledger.totals.forward_flops == deep
-
-
-@pytest.mark.parametrize("name,overrides", [m for m in METHODS if m[1].get("routing") != "token"],
-                         ids=[i for i, m in zip(IDS, METHODS) if m[1].get("routing") != "token"])
-def test_training_flops_equal_train_flops_per_token(name, overrides):
-    model = build(name, **overrides).train()
-    ids = ids_of(2, 12)
-    with compute.measure() as ledger:
-        model(ids, ids).loss.backward()
-    assert ledger.totals.train_flops == pytest.approx(2 * 12 * model.train_flops_per_token(12), rel=1e-12)
-    with compute.measure() as ledger, torch.no_grad():
-        model(ids, ids)
-    assert ledger.totals.train_flops == pytest.approx(2 * 12 * model.analytic_flops_per_token(12, training=True),
-                                                      rel=1e-12)
-
 
 def test_token_choice_training_is_its_inference_and_measures_its_routing():
     model = build("mor", recursions=3, routing="token")
@@ -276,7 +154,7 @@ def test_adaponder_without_halting_equals_pondering():
         pytest.skip(f"pondering plugin unavailable: {exc}")
     model = build("adaponder", max_iterations=3).eval()
     model.decoder.load_state_dict(pondering.decoder.state_dict())
-    force_depth(model, 3)
+    model.force_steps(2)  # every token takes all 3 iterations
     ids = ids_of(2, 12)
     out = decode_whole(model, ids)
     torch.testing.assert_close(out.logits, decode_whole(pondering, ids).logits, atol=1e-5, rtol=1e-5)

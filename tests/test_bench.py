@@ -6,12 +6,21 @@ import math
 import pytest
 import torch
 
-from harness.core import registry
-from harness.bench import (SECTIONS, BenchConfig, benchmark, format_report, generate_cached, generate_recomputing,
-                           pruning_router_bias, time_interleaved, to_transformers_llama)
+from harness.bench import (
+    SECTIONS,
+    BenchConfig,
+    benchmark,
+    format_report,
+    generate_cached,
+    generate_recomputing,
+    methods_with_role,
+    time_interleaved,
+    to_transformers_llama,
+)
 from harness.cli import main
-from harness.data import DataConfig, load_corpus
+from harness.core import registry
 from harness.core.config import ConfigError
+from harness.data import DataConfig, load_corpus
 
 SECTION_KEYS = ("train_throughput", "decode_cache", "pruned_decode", "jacobi_training", "utilization", "targets")
 
@@ -81,6 +90,7 @@ def test_the_measurements_compare_like_with_like(report):
     assert report["train_throughput"][0]["max_logit_diff"] < 1e-4
     assert all(r["tokens_agree"] == 1.0 for r in report["decode_cache"])
     prune = report["pruned_decode"][0]
+    assert [(r["method"], r["twin"]) for r in report["pruned_decode"]] == [("ponderlm3", "ponderlm2")]
     # the router bias keeps 1 of K=2 steps for every token: half the latent steps pruned, fewer FLOPs
     assert prune["ponderlm2_mean_steps"] == 2 and prune["ponderlm3_mean_steps"] == 1
     assert prune["pruned_fraction"] == pytest.approx(0.5)
@@ -90,7 +100,8 @@ def test_the_measurements_compare_like_with_like(report):
     vanilla, p2, p3 = report["jacobi_training"]
     assert vanilla["flops_ratio"] == 1.0 and 1.0 < p2["flops_ratio"] < p3["flops_ratio"]
     text = format_report(report)
-    for heading in ("1. training", "2. cached", "3. PonderLM-3", "4. Jacobi", "5. achieved", "targets met"):
+    for heading in ("1. training", "2. cached", "3. ponderlm3 hard-pruned decoding vs ponderlm2", "4. Jacobi",
+                    "5. achieved", "targets met"):
         assert heading in text
 
 
@@ -107,11 +118,12 @@ def test_generators_agree_token_for_token(small_data):
         torch.testing.assert_close(hf(input_ids=prompt).logits, llama.decoder(prompt), atol=1e-4, rtol=1e-4)
 
 
-def test_router_bias_prunes_the_requested_steps():
+def test_methods_take_part_by_their_declared_roles():
+    assert [p.name for p in methods_with_role("jacobi_training")] == ["ponderlm2", "ponderlm3"]
+    assert [p.name for p in methods_with_role("pruned_decoding")] == ["ponderlm3"]
     model = registry.build("ponderlm3", "pico", {"vocab_size": 64, "latent_steps": 3}).eval()
-    for kept in range(3):
-        with torch.no_grad():
-            model.router.bias.copy_(pruning_router_bias(3, kept))
+    for kept in range(4):  # force_steps is what the pruned-decoding benchmark uses
+        model.force_steps(kept)
         decision = model.decide(torch.randn(5, model.config.d_model))
         assert decision.steps.tolist() == [kept] * 5
 
@@ -155,8 +167,8 @@ def test_rope_by_roll_is_bit_identical_to_rotate_half():
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_key_bias_channel_equals_an_additive_mask_with_gradients(n_kv_heads):
-    from models.backbone import Decoder
     from harness.core.config import ModelConfig
+    from models.backbone import Decoder
 
     decoder = Decoder(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, d_ff=64))
     x = torch.randn(2, 9, 32)
@@ -184,8 +196,8 @@ def test_key_bias_channel_equals_an_additive_mask_with_gradients(n_kv_heads):
 
 
 def test_one_query_decoding_mask_equals_the_general_mask():
-    from models.backbone import Decoder
     from harness.core.config import ModelConfig
+    from models.backbone import Decoder
 
     decoder = Decoder(ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, d_ff=64))
     old_bias, old_valid = -torch.rand(3, 4), torch.tensor([[1, 0, 1, 1]] * 3, dtype=torch.bool)
@@ -206,8 +218,8 @@ def test_one_query_decoding_mask_equals_the_general_mask():
 def test_fused_head_loss_equals_logits_and_cross_entropy(chunk_rows):
     import torch.nn.functional as F
 
-    from models.backbone import Decoder, LinearCrossEntropy
     from harness.core.config import ModelConfig
+    from models.backbone import Decoder, LinearCrossEntropy
 
     decoder = Decoder(ModelConfig(vocab_size=70, d_model=16, n_layers=1, n_heads=2, d_ff=32))
     h = torch.randn(2, 11, 16)

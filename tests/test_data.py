@@ -13,10 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-
+from harness.core.config import CPU_VOCAB_SIZE
 from harness.core.errors import DataError
-from harness.data import (DataConfig, TokenizedCorpus, Tokenizer, batch_at, load_corpus,
-                          load_documents, validation_windows)
+from harness.data import (
+    DataConfig,
+    TokenizedCorpus,
+    Tokenizer,
+    batch_at,
+    load_corpus,
+    load_documents,
+    validation_windows,
+)
 
 WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his from at which "
          "but have an they you were her she there one all we their has been if more when will would who "
@@ -63,7 +70,7 @@ def embedded(tmp_path_factory):
 def test_embedded_corpus_loads(embedded):
     corpus, _, _ = embedded
     assert corpus.name.startswith("embedded")
-    assert corpus.tokenizer.vocab_size == 8192
+    assert corpus.tokenizer.vocab_size == DataConfig().vocab_size == CPU_VOCAB_SIZE
     assert corpus.train.dtype == np.uint16 and corpus.val.dtype == np.uint16
     assert corpus.train.ndim == 1 and len(corpus.train) > 2_000_000
     assert len(corpus.val) > 20_000

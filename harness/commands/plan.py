@@ -1,4 +1,4 @@
-"""``python -m harness plan``: the jobs a sweep at a FLOPs budget would run, with time estimates.
+"""``python -m harness plan``: the jobs a sweep would run (a budget or a study), with time estimates.
 
 The request arguments are shared with ``sweep`` (:func:`add_request_arguments`).
 """
@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from harness.plan import GPU_TABLE, MATCH_MODES, PlanRequest, format_plan, make_plan
+from harness.core.errors import ConfigError
+from harness.plan import GPU_TABLE, MATCH_MODES, PlanRequest, format_plan, make_plan, study
 from harness.plan.planning import DEFAULT_RUNGS
 
 
@@ -17,17 +18,19 @@ def csv_list(text: str | None) -> list[str] | None:
     return items or None
 
 
-def add_request_arguments(parser: argparse.ArgumentParser, budget_required: bool = True) -> None:
-    """The arguments ``plan`` and ``sweep`` share."""
-    parser.add_argument("--budget", type=float, required=budget_required,
-                        help="training FLOPs per job, e.g. 1e20" + ("" if budget_required else
-                                                                     " (default: the embedded default sweep)"))
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments ``plan`` and ``sweep`` share; None means "not given" (a study's value then holds)."""
+    parser.add_argument("--study", default=None, metavar="NAME|FILE",
+                        help=f"run a study file ({', '.join(study.available())}, or a path to a .toml)")
+    parser.add_argument("--budget", type=float, default=None, help="training FLOPs per job, e.g. 1e20")
     parser.add_argument("--methods", default="", help="comma-separated methods (default: every registered one)")
     parser.add_argument("--sizes", default="", help="comma-separated ladder rungs (default: the IsoFLOP rule)")
-    parser.add_argument("--rungs", type=int, default=DEFAULT_RUNGS, help="rungs per method chosen by the rule")
-    parser.add_argument("--match", choices=MATCH_MODES, default="train-flops",
-                        help="train-flops: equal training FLOPs; tokens: the tokens vanilla gets (papers' protocol)")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per (method, size): 0..N-1")
+    parser.add_argument("--rungs", type=int, default=None, help=f"rungs per method chosen by the rule "
+                                                                f"(default {DEFAULT_RUNGS})")
+    parser.add_argument("--match", choices=MATCH_MODES, default=None,
+                        help="train-flops (default): equal training FLOPs; tokens: the tokens vanilla gets "
+                             "(the papers' protocol)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per (method, size): 0..N-1 (default 1)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="train.FIELD, data.FIELD or a model field for every job; METHOD:KEY=VALUE for one method")
     parser.add_argument("--vary", action="append", default=[], metavar="METHOD:FIELD=V1,V2",
@@ -38,11 +41,23 @@ def add_request_arguments(parser: argparse.ArgumentParser, budget_required: bool
     parser.add_argument("--cpus-per-job", type=int, default=1, help="CPU cores (threads) per job")
 
 
-def request_from_args(args: argparse.Namespace, budget: float | None = None) -> PlanRequest:
-    return PlanRequest(budget=args.budget if budget is None else budget, methods=csv_list(args.methods),
-                       sizes=csv_list(args.sizes), rungs=args.rungs, match=args.match, seeds=args.seeds,
-                       overrides=list(args.overrides), vary=list(args.vary), gpu=args.gpu, mfu=args.mfu,
-                       workers=args.workers, cpus_per_job=args.cpus_per_job)
+def request_from_args(args: argparse.Namespace, loaded: study.Study | None = None) -> PlanRequest:
+    """The plan request of the command line, or of ``loaded`` with the flags given winning."""
+    hardware = {"mfu": args.mfu, "workers": args.workers, "cpus_per_job": args.cpus_per_job}
+    if loaded is not None:
+        if args.vary:
+            raise ConfigError(f"--vary does not combine with --study {loaded.name}: add the values to an arm's "
+                              "vary table in the study file")
+        if args.gpu:
+            hardware["gpu"] = args.gpu
+        return loaded.request(budget=args.budget, match=args.match, sizes=csv_list(args.sizes), seeds=args.seeds,
+                              overrides=list(args.overrides), methods=csv_list(args.methods),
+                              rungs=args.rungs or DEFAULT_RUNGS, **hardware)
+    if args.budget is None:
+        raise ConfigError("give --budget FLOPS (e.g. --budget 1e12) or --study NAME")
+    return PlanRequest(budget=args.budget, methods=csv_list(args.methods), sizes=csv_list(args.sizes),
+                       rungs=args.rungs or DEFAULT_RUNGS, match=args.match or "train-flops", seeds=args.seeds or 1,
+                       overrides=list(args.overrides), vary=list(args.vary), gpu=args.gpu, **hardware)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    plan = make_plan(request_from_args(args))
+    loaded = study.load(args.study) if args.study else None
+    plan = make_plan(request_from_args(args, loaded))
     print(json.dumps(plan.to_dict(), indent=2, default=str) if args.json else format_plan(plan))
     return 0

@@ -1,4 +1,4 @@
-"""Compute accounting: the analytic FLOPs of DESIGN.md section 4 and the ledger that measures them.
+"""Compute accounting: the analytic FLOPs and the ledger that measures them (docs/design.md, "Compute accounting").
 
 Conventions (one multiply-add = 2 FLOPs):
 * a block costs, per processed position, 2 x its matmul weights plus attention 2 x 2 x (n_heads x
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -75,7 +75,7 @@ class ComputeLedger:
 
     totals: LedgerTotals = field(default_factory=LedgerTotals)
 
-    def __enter__(self) -> "ComputeLedger":
+    def __enter__(self) -> ComputeLedger:
         _stack().append(self)
         return self
 

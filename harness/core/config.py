@@ -34,14 +34,18 @@ def _swiglu_width(d_model: int, multiple: int = 64) -> int:
     return multiple * math.ceil(8 * d_model / 3 / multiple)
 
 
-# CPU rungs keep block parameters well under 1M so a 2-core machine trains them in minutes,
-# with at least 3 layers so Mixture-of-Recursions has unshared first/last layers around a shared middle;
-# the Pythia rungs copy Pythia's width, depth and heads (LLaMA-style MLP of equal parameter count).
+# CPU rungs where depth matters: with the CPU vocabulary (CPU_VOCAB_SIZE) and TrainConfig's seq_len 128,
+# the LM head (2 d V FLOPs per token) is at most 1/3 of the vanilla forward FLOPs at every rung (pico 0.31,
+# nano 0.22, micro 0.17, tiny 0.13; harness.plan.ladder.lm_head_share, checked in tests), as at the
+# paper's 410M where it is ~15%. n_layers - 2 is a multiple of 3 so Mixture-of-Recursions can share
+# (L-2)/3 layers between unshared first and last layers. Block parameters stay under 1.7M so a 2-core
+# machine trains each rung in minutes. The Pythia rungs copy Pythia's width, depth and heads
+# (LLaMA-style MLP of equal parameter count).
 SIZES: dict[str, Size] = {
-    "pico": Size(d_model=32, n_layers=3, n_heads=2, d_ff=96),
-    "nano": Size(d_model=64, n_layers=3, n_heads=4, d_ff=176),
-    "micro": Size(d_model=96, n_layers=3, n_heads=4, d_ff=256),
-    "tiny": Size(d_model=128, n_layers=4, n_heads=4, d_ff=352),
+    "pico": Size(d_model=64, n_layers=5, n_heads=4, d_ff=176),
+    "nano": Size(d_model=64, n_layers=8, n_heads=4, d_ff=176),
+    "micro": Size(d_model=96, n_layers=8, n_heads=4, d_ff=256),
+    "tiny": Size(d_model=128, n_layers=8, n_heads=4, d_ff=352),
     "70m": Size(d_model=512, n_layers=6, n_heads=8, d_ff=_swiglu_width(512)),
     "160m": Size(d_model=768, n_layers=12, n_heads=12, d_ff=_swiglu_width(768)),
     "410m": Size(d_model=1024, n_layers=24, n_heads=16, d_ff=_swiglu_width(1024)),
@@ -51,6 +55,9 @@ SIZES: dict[str, Size] = {
 }
 CPU_SIZES = ("pico", "nano", "micro", "tiny")
 PYTHIA_SIZES = ("70m", "160m", "410m", "1b", "1.4b", "2.8b")
+#: BPE vocabulary of the CPU rungs (DataConfig's default and the CPU plan scale's): small enough that the
+#: LM head stays under 1/3 of the forward FLOPs at every CPU rung (see SIZES).
+CPU_VOCAB_SIZE = 2048
 
 
 @dataclass
@@ -67,7 +74,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     # PonderLM-2's reference init: token embeddings scaled by sqrt(2.5 d) and weights ~ N(0, 2/(5d)),
     # output projections further / sqrt(2L). Embeddings then have unit RMS, like the post-norm hidden
-    # states fed back as latent thoughts. On for every method so they share one init (DESIGN.md 5);
+    # states fed back as latent thoughts. On for every method so they share one init (docs/design.md, "Backbone");
     # off = plain LLaMA (std init_std, unscaled embeddings), which is what transformers computes.
     ponder_init: bool = True
     init_std: float = 0.02  # used when ponder_init is off
@@ -106,17 +113,17 @@ class ModelConfig:
     # -- construction helpers -------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Build from plain values (JSON, CLI); unknown keys are an error naming the valid ones."""
         return dataclass_from(cls, values)
 
     @classmethod
-    def for_size(cls, size: str, **overrides: Any) -> "ModelConfig":
+    def for_size(cls, size: str, **overrides: Any) -> ModelConfig:
         if size not in SIZES:
             raise ConfigError(f"size: unknown size {size!r}; choose one of {', '.join(SIZES)}")
         return cls.from_dict({**SIZES[size].as_overrides(), **overrides})
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return type(self).from_dict({**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,9 +172,9 @@ def coerce(cls: type, name: str, tp: Any, value: Any) -> Any:
     """Turn a CLI string (or JSON value) into the field's declared type, or raise ConfigError."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return coerce(cls, name, inner[0], value)
     if origin is tuple:
@@ -196,5 +203,5 @@ def coerce(cls: type, name: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"{cls.__name__}.{name}: cannot parse {value!r} as {_type_name(tp)}")
 
 
-__all__ = ["CPU_SIZES", "ConfigError", "ModelConfig", "PYTHIA_SIZES", "SIZES", "Size", "coerce", "dataclass_from",
-           "field", "require"]
+__all__ = ["CPU_SIZES", "CPU_VOCAB_SIZE", "ConfigError", "ModelConfig", "PYTHIA_SIZES", "SIZES", "Size", "coerce",
+           "dataclass_from", "field", "require"]

@@ -11,7 +11,8 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from harness.core.errors import CheckpointError
 

@@ -12,13 +12,15 @@ and appears in ``python -m harness list`` once installed.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import inspect
 import pkgutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from harness.core.config import ModelConfig
 from harness.core.errors import ConfigError, UnknownMethodError
@@ -100,7 +102,7 @@ def discover(force: bool = False) -> None:
         for info in pkgutil.iter_modules(package.__path__):
             if not info.name.startswith("_"):
                 module = f"{package_name}.{info.name}"
-                _load(info.name, module, lambda: importlib.import_module(module))
+                _load(info.name, module, functools.partial(importlib.import_module, module))
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         obj = _load(ep.name, ep.value, ep.load)
         if obj is None:

@@ -25,7 +25,7 @@ from harness.data.config import (
     DataConfig,
     short_message,
 )
-from harness.data.sources import _resolve_source, _Source, _Split
+from harness.data.sources import _resolve_source, _Source, _Split, make_split
 from harness.data.tokenizer import Tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike | None = None) -> 
         raise TypeError(f"load_corpus expects a DataConfig, got {type(cfg).__name__}")
     cache = _prepare_cache(cache_dir)
     src = _resolve_source(cfg)
-    split = _Split(src, cfg.val_fraction)
+    split = make_split(cfg, src)
     tok = _get_tokenizer(cfg, src, split, cache)
     tok_spec = f"bpe:{cfg.vocab_size}" if cfg.tokenizer.strip() == "bpe" else cfg.tokenizer.strip()
     folder = cache / "shards" / f"{src.slug}-{_key(src.identity, cfg.text_field, cfg.val_fraction, tok_spec)}"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from harness.core.config import CPU_VOCAB_SIZE
 from harness.core.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -31,15 +32,24 @@ def short_message(exc: BaseException, limit: int = 200) -> str:
 
 @dataclass
 class DataConfig:
-    source: str = "embedded"      # "embedded" | .txt/.jsonl/.parquet file or directory | "hf:<name>[:<config>[:<split>]]"
+    # "embedded" | .txt/.jsonl/.parquet file or directory | "hf:<name>[:<config>[:<split>]]"
+    source: str = "embedded"
     text_field: str = "text"      # field name for jsonl/parquet/hf
     tokenizer: str = "bpe"        # "bpe" (trained on the training split, cached) | tokenizer.json path | hub name
-    vocab_size: int = 8192        # for "bpe"
-    val_fraction: float = 0.02    # fraction of documents held out
+    vocab_size: int = CPU_VOCAB_SIZE  # for "bpe" (the Pythia plan scale sets its own)
+    val_fraction: float = 0.02    # fraction of documents held out (when there is no val_source)
+    # a separate validation source (same forms as ``source``); then all of ``source`` trains and all of
+    # this validates, as PonderLM-2's code does with the Pile subset and pile-val-backup
+    val_source: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.source, os.PathLike):
             self.source = os.fspath(self.source)
+        if isinstance(self.val_source, os.PathLike):
+            self.val_source = os.fspath(self.val_source)
+        if not isinstance(self.val_source, str):
+            raise DataError(f"DataConfig.val_source={self.val_source!r} is invalid: give '' (hold out val_fraction "
+                            "of source) or a source in the same forms as DataConfig.source")
         if isinstance(self.tokenizer, os.PathLike):
             self.tokenizer = os.fspath(self.tokenizer)
         if not isinstance(self.source, str) or not self.source.strip():

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
 import json
 import lzma
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator
 
 from harness.core.errors import DataError
 from harness.data.config import (
@@ -288,12 +289,29 @@ def _hf_source(source: str, text_field: str) -> _Source:
                    read=read, empty_message=f"dataset {label} contains no text in column {text_field!r}")
 
 
-def _resolve_source(cfg: DataConfig) -> _Source:
-    if cfg.source == "embedded":
+def _source_named(source: str, text_field: str) -> _Source:
+    if source == "embedded":
         return _embedded_source()
-    if cfg.source.startswith("hf:"):
-        return _hf_source(cfg.source, cfg.text_field)
-    return _path_source(cfg.source, cfg.text_field)
+    if source.startswith("hf:"):
+        return _hf_source(source, text_field)
+    return _path_source(source, text_field)
+
+
+def _resolve_source(cfg: DataConfig) -> _Source:
+    """The training source; with a ``val_source``, one whose identity and fingerprint cover both."""
+    src = _source_named(cfg.source, cfg.text_field)
+    if not cfg.val_source.strip():
+        return src
+    val = _source_named(cfg.val_source.strip(), cfg.text_field)
+    return dataclasses.replace(src, name=f"{src.name} (validation: {val.name})", slug=f"{src.slug}+{val.slug}",
+                               identity=f"{src.identity}|val:{val.identity}",
+                               fingerprint=f"{src.fingerprint}|val:{val.fingerprint}")
+
+
+def make_split(cfg: DataConfig, src: _Source) -> _Split:
+    if cfg.val_source.strip():
+        return _SeparateSplit(src, _source_named(cfg.val_source.strip(), cfg.text_field))
+    return _Split(src, cfg.val_fraction)
 
 
 
@@ -362,9 +380,39 @@ class _Split:
                 yield bool(side), "\n\n".join(buf)
 
 
+class _SeparateSplit(_Split):
+    """All of one source trains, all of another validates (``DataConfig.val_source``)."""
+
+    def __init__(self, src: _Source, val_src: _Source):
+        super().__init__(src, 0.0)
+        self.val_src = val_src
+
+    def scan(self) -> None:
+        if self.scanned:
+            return
+        units = chars = 0
+        for doc in self.src.read():
+            units += len(doc)
+            chars += sum(len(unit) for unit in doc)
+        if units == 0:
+            raise DataError(self.src.empty_message)
+        self.chars = chars
+        self.n_val = sum(len(doc) for doc in self.val_src.read())
+        if self.n_val == 0:
+            raise DataError(self.val_src.empty_message)
+        self.n_units = units + self.n_val
+        self.scanned = True
+
+    def segments(self) -> Iterator[tuple[bool, str]]:
+        self.scan()
+        for is_val, source in ((False, self.src), (True, self.val_src)):
+            for doc in source.read():
+                yield is_val, "\n\n".join(doc)
+
+
 def load_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
     """The texts of the training and validation segments, in corpus order (for inspection/export)."""
-    split = _Split(_resolve_source(cfg), cfg.val_fraction)
+    split = make_split(cfg, _resolve_source(cfg))
     train: list[str] = []
     val: list[str] = []
     for is_val, text in split.segments():

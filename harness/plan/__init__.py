@@ -8,11 +8,11 @@ Decisions (each is printed with the plan):
 * **Counting.** Parameters and training FLOPs per token come from the method itself: its config is
   built for the rung and the model constructed on the ``meta`` device (no memory, milliseconds even
   for 2.8b), then ``model.train_flops_per_token(seq_len)`` and ``num_params()`` are read.
-* **Scale.** Two settings of the shared ladder (``models/config.py``): the CPU rungs (pico..tiny) train
-  with ``TrainConfig``'s defaults (sequences of 128 tokens, 16 per step, BPE vocabulary 8192); the
-  Pythia rungs (70m..2.8b) with Pythia's recipe where one GPU per job allows it: sequences of 2048
-  tokens, 16 per step (32,768 tokens, so that vanilla up to 1b fits one 80 GB GPU; Pythia used 1024
-  sequences, which needs gradient accumulation that ``TrainConfig`` does not have), Pythia's learning
+* **Scale.** Two settings of the shared ladder (``harness/core/config.py``; the scales are in
+  :mod:`harness.plan.ladder`): the CPU rungs (pico..tiny) train with ``TrainConfig``'s defaults
+  (``harness/job.py``: sequences of 128 tokens, 16 per step, BPE vocabulary 8192); the Pythia rungs
+  (70m..2.8b) with Pythia's recipe on one GPU per job: sequences of 2048 tokens, 1024 per step as
+  Pythia (2M tokens), taken as 128 micro-batches of 8 (``train.grad_accum``), Pythia's learning
   rate for the rung, 1% warm-up, cosine to 10%, weight decay 0.01, and a 50,304-token vocabulary
   (Pythia's padded size). A sweep uses one scale: the one holding vanilla's Chinchilla-closest rung at
   this budget (below).
@@ -42,9 +42,10 @@ Decisions (each is printed with the plan):
   (e.g. PonderLM-3's compute penalty, whose sweep traces its Pareto curve), tagged ``variant``.
 """
 
+from harness.plan import study
 from harness.plan.hardware import GPU_TABLE, Hardware, detect_hardware
 from harness.plan.ladder import SCALES, Counts, Scale, count, scale_of
-from harness.plan.planning import MATCH_MODES, Plan, PlannedJob, PlanRequest, format_plan, make_plan
+from harness.plan.planning import MATCH_MODES, Arm, Plan, PlannedJob, PlanRequest, format_plan, make_plan
 
-__all__ = ["GPU_TABLE", "MATCH_MODES", "SCALES", "Counts", "Hardware", "Plan", "PlanRequest", "PlannedJob", "Scale",
-           "count", "detect_hardware", "format_plan", "make_plan", "scale_of"]
+__all__ = ["GPU_TABLE", "MATCH_MODES", "SCALES", "Arm", "Counts", "Hardware", "Plan", "PlanRequest", "PlannedJob",
+           "Scale", "count", "detect_hardware", "format_plan", "make_plan", "scale_of", "study"]

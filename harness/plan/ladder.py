@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from harness.core import registry
-from harness.core.config import CPU_SIZES, PYTHIA_SIZES, SIZES
+from harness.core import compute, registry
+from harness.core.config import CPU_SIZES, CPU_VOCAB_SIZE, PYTHIA_SIZES, SIZES
 from harness.core.errors import ConfigError
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
@@ -35,12 +35,13 @@ class Scale:
 PYTHIA_LR = {"70m": 1e-3, "160m": 6e-4, "410m": 3e-4, "1b": 3e-4, "1.4b": 2e-4, "2.8b": 1.6e-4}
 
 SCALES: dict[str, Scale] = {
-    "cpu": Scale("cpu", CPU_SIZES, {}, 8192,
-                 "CPU rungs, TrainConfig defaults: seq_len 128, 16 sequences per step, BPE vocabulary 8192"),
+    "cpu": Scale("cpu", CPU_SIZES, {}, CPU_VOCAB_SIZE,
+                 "CPU rungs, TrainConfig defaults: seq_len 128, 16 sequences per step, "
+                 f"BPE vocabulary {CPU_VOCAB_SIZE}"),
     "pythia": Scale(
         "pythia", PYTHIA_SIZES,
-        {"seq_len": 2048, "batch_size": 8, "grad_accum": 128, "warmup_fraction": 0.01, "min_lr_ratio": 0.1, "weight_decay": 0.01,
-         "eval_tokens": 262144, "eval_batch_size": 8, "checkpoint_every": 1000},
+        {"seq_len": 2048, "batch_size": 8, "grad_accum": 128, "warmup_fraction": 0.01, "min_lr_ratio": 0.1,
+         "weight_decay": 0.01, "eval_tokens": 262144, "eval_batch_size": 8, "checkpoint_every": 1000},
         50304,
         "Pythia rungs: seq_len 2048, 1024 sequences (2M tokens) per step as Pythia, in 128 micro-batches of "
         "8 on one GPU per job, Pythia's lr per rung, 1% warm-up, cosine "
@@ -104,3 +105,11 @@ def count(method: str, size: str, model_overrides: dict[str, Any], vocab_size: i
     return _count(method, size, json.dumps(model_overrides, sort_keys=True, default=str), vocab_size, seq_len)
 
 
+def lm_head_share(size: str, vocab_size: int = CPU_VOCAB_SIZE, seq_len: int = 128) -> float:
+    """Share of vanilla's forward FLOPs per token spent in the LM head (2 d V) at rung ``size``.
+
+    From the model's own analytic count over a sequence of ``seq_len`` tokens (TrainConfig's default).
+    The CPU ladder keeps it at or below one third (harness/core/config.py, SIZES).
+    """
+    c = count(REFERENCE_METHOD, size, {}, vocab_size, seq_len)
+    return compute.head_flops(c.d_model, vocab_size, 1) / c.infer_flops_per_token_max

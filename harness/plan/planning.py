@@ -23,6 +23,20 @@ DEFAULT_RUNGS = 3
 MATCH_MODES = ("train-flops", "tokens")
 
 @dataclass
+class Arm:
+    """One arm of a comparison: a method with fixed model-config values (its variant), seeds and rungs.
+
+    A plain request makes one arm per method and ``--vary`` combination; a study lists its arms.
+    """
+
+    method: str
+    values: dict[str, Any] = field(default_factory=dict)  # model-config overrides that define the variant
+    label: str = ""  # the variant's name in tables ("" = the method's defaults)
+    seeds: int | None = None  # None: the request's seeds
+    sizes: list[str] | None = None  # None: the request's sizes or the ladder rule
+
+
+@dataclass
 class PlanRequest:
     """What the user asked for (``plan`` and ``sweep`` share it)."""
 
@@ -39,6 +53,8 @@ class PlanRequest:
     workers: int | None = None
     cpus_per_job: int = 1
     vocab_size: int | None = None  # the tokenizer's real size when the caller knows it (the sweep)
+    arms: list[Arm] | None = None  # a study's arms; replaces methods and vary
+    reference_size: str | None = None  # tokens mode: every job gets the tokens vanilla buys at this rung
 
     def __post_init__(self) -> None:
         if not (isinstance(self.budget, (int, float)) and self.budget > 0 and math.isfinite(self.budget)):
@@ -53,6 +69,10 @@ class PlanRequest:
             raise ConfigError(f"--cpus-per-job {self.cpus_per_job}: must be at least 1")
         if self.mfu is not None and not 0 < self.mfu <= 1:
             raise ConfigError(f"--mfu {self.mfu}: must lie in (0, 1]")
+        if self.arms is not None and (self.methods or self.vary):
+            raise ConfigError("a study's arms replace --methods and --vary; give one or the other")
+        if self.reference_size is not None and self.match != "tokens":
+            raise ConfigError(f"reference size {self.reference_size!r} needs --match tokens")
 
 
 @dataclass
@@ -239,41 +259,73 @@ def _memory(c: Counts, reference: Counts, train: TrainConfig, vocab: int, bf16: 
     return states + activations + logits
 
 
-def make_plan(request: PlanRequest, hardware: Hardware | None = None) -> Plan:
-    """Resolve ``request`` into jobs (see the module docstring for every rule); probes hardware if not given."""
-    shared, per_method = split_overrides(request.overrides)
-    variants = parse_vary(request.vary)
-    methods = list(request.methods) if request.methods else list(registry.plugins())
-    for method in methods:
-        registry.get(method)
-    for method in list(per_method) + list(variants):
-        if method not in methods:
-            raise PlanError(f"override or --vary for {method!r}, which is not among the swept methods "
-                            f"({', '.join(methods)})")
-    if request.sizes:
-        for size in request.sizes:
-            scale_of(size)
-    scale = _choose_scale(request, shared)
-    notes: list[str] = [f"scale: {scale.description}"]
-    if request.overrides:
-        notes.append("overrides (win over the scale's defaults): " + " ".join(request.overrides))
-    skipped: list[str] = []
-    budget = float(request.budget)
+@dataclass
+class _Settings:
+    model: dict[str, str]
+    train: TrainConfig
+    data: DataConfig
+    vocab: int
 
-    def settings(method: str, size: str) -> tuple[dict[str, str], TrainConfig, DataConfig, int]:
-        own = per_method.get(method, _Overrides({}, {}, {}))
-        data = _data_config(scale, shared.data, own.data)
-        vocab = request.vocab_size or _resolve_vocab(data)[0]
-        return {**shared.model, **own.model}, _train_config(scale, size, shared.train, own.train), data, vocab
 
-    def batch_fixed(method: str) -> bool:  # the user chose the batch: the plan must not shrink it
-        own = per_method.get(method)
-        return "batch_size" in shared.train or (own is not None and "batch_size" in own.train)
-    vocab_note = _resolve_vocab(_data_config(scale, shared.data))[1]
-    if vocab_note:
-        notes.append(vocab_note)
+class _Planner:
+    """Resolves a request into jobs; one method per rule of the module docstring."""
 
-    def sized_steps(flops_per_token: float, train: TrainConfig, fixed: bool, spend: float) -> tuple[TrainConfig, int]:
+    def __init__(self, request: PlanRequest):
+        self.request = request
+        self.shared, self.per_method = split_overrides(request.overrides)
+        self.arms = request_arms(request, self.per_method)
+        if request.sizes:
+            for size in request.sizes:
+                scale_of(size)
+        for arm in self.arms:
+            for size in arm.sizes or ():
+                scale_of(size)
+        self.scale = _choose_scale(request, self.shared)
+        self.budget = float(request.budget)
+        self.skipped: list[str] = []
+        self.notes: list[str] = [f"scale: {self.scale.description}"]
+        if request.overrides:
+            self.notes.append("overrides (win over the scale's defaults): " + " ".join(request.overrides))
+        vocab_note = _resolve_vocab(_data_config(self.scale, self.shared.data))[1]
+        if vocab_note:
+            self.notes.append(vocab_note)
+        self.reference_counts: dict[str, Counts] = {}
+
+    # -- settings and counts ----------------------------------------------------------------------
+
+    def settings(self, method: str, size: str) -> _Settings:
+        own = self.per_method.get(method, _Overrides({}, {}, {}))
+        data = _data_config(self.scale, self.shared.data, own.data)
+        vocab = self.request.vocab_size or _resolve_vocab(data)[0]
+        train = _train_config(self.scale, size, self.shared.train, own.train)
+        return _Settings({**self.shared.model, **own.model}, train, data, vocab)
+
+    def batch_fixed(self, method: str) -> bool:
+        """The user chose the batch: the plan must not shrink it."""
+        own = self.per_method.get(method)
+        return "batch_size" in self.shared.train or (own is not None and "batch_size" in own.train)
+
+    def candidates(self, method: str, values: dict[str, str], sizes: Iterable[str]) -> list[tuple[str, Counts]]:
+        out = []
+        for size in sizes:
+            st = self.settings(method, size)
+            try:
+                out.append((size, count(method, size, {**st.model, **values}, st.vocab, st.train.seq_len)))
+            except ConfigError as exc:
+                self.skipped.append(f"{method}/{size}: {exc}")
+        return out
+
+    def closest(self, options: list[tuple[str, Counts]]) -> list[str]:
+        """The request's rungs nearest Chinchilla-optimal at the budget (all of them when sizes are given)."""
+        if self.request.sizes:
+            return [size for size, _ in options]
+        ranked = sorted(options, key=lambda o: abs(math.log(
+            self.budget / o[1].train_flops_per_token / (CHINCHILLA_TOKENS_PER_PARAM * o[1].params))))
+        keep = {size for size, _ in ranked[:self.request.rungs]}
+        return [size for size, _ in options if size in keep]
+
+    def sized_steps(self, flops_per_token: float, train: TrainConfig, fixed: bool,
+                    spend: float) -> tuple[TrainConfig, int]:
         steps = _steps(flops_per_token * train.tokens_per_step, spend)
         if steps < MIN_STEPS and not fixed:
             per_sequence = flops_per_token * train.seq_len * train.grad_accum
@@ -282,124 +334,202 @@ def make_plan(request: PlanRequest, hardware: Hardware | None = None) -> Plan:
             steps = _steps(flops_per_token * train.tokens_per_step, spend)
         return train, steps
 
-    def candidates(method: str, model: dict[str, str]) -> list[tuple[str, Counts]]:
-        out = []
-        for size in (request.sizes or scale.sizes):
-            base_model, train, _, vocab = settings(method, size)
+    def reference(self, size: str, fallback: Counts) -> Counts:
+        if size not in self.reference_counts:
+            st = self.settings(REFERENCE_METHOD, size)
             try:
-                out.append((size, count(method, size, {**base_model, **model}, vocab, train.seq_len)))
+                self.reference_counts[size] = count(REFERENCE_METHOD, size, st.model, st.vocab, st.train.seq_len)
             except ConfigError as exc:
-                skipped.append(f"{method}/{size}: {exc}")
-        return out
+                if self.request.match == "tokens":
+                    raise PlanError(f"--match tokens needs {REFERENCE_METHOD} at {size}, which the overrides "
+                                    f"break ({exc}); give them per method (METHOD:FIELD=V)") from None
+                self.reference_counts[size] = fallback  # only the memory estimate uses it
+        return self.reference_counts[size]
 
-    def closest(options: list[tuple[str, Counts]]) -> list[str]:
-        if request.sizes:
+    def tokens_bought(self, size: str) -> tuple[int, TrainConfig]:
+        """Tokens mode: what the budget buys vanilla at ``size`` (or at the request's reference rung)."""
+        size = self.request.reference_size or size
+        ref = self.reference(size, None)  # type: ignore[arg-type]
+        train = self.settings(REFERENCE_METHOD, size).train
+        train, steps = self.sized_steps(ref.train_flops_per_token, train, self.batch_fixed(REFERENCE_METHOD),
+                                        self.budget)
+        return steps * train.tokens_per_step, train
+
+    # -- the jobs ---------------------------------------------------------------------------------
+
+    def rungs(self, arm: Arm, options: list[tuple[str, Counts]], reference_rungs: list[str] | None) -> list[str]:
+        if arm.sizes:
             return [size for size, _ in options]
-        ranked = sorted(options, key=lambda o: abs(math.log(
-            budget / o[1].train_flops_per_token / (CHINCHILLA_TOKENS_PER_PARAM * o[1].params))))
-        keep = {size for size, _ in ranked[:request.rungs]}
-        return [size for size, _ in options if size in keep]
+        if reference_rungs is not None:  # tokens mode: vanilla's rungs (those this method can build)
+            return [size for size, _ in options if size in reference_rungs]
+        return self.closest(options)
 
-    reference_rungs: list[str] | None = None
-    if request.match == "tokens":
-        reference_rungs = closest(candidates(REFERENCE_METHOD, {}))
+    def arm_jobs(self, arm: Arm, reference_rungs: list[str] | None) -> list[PlannedJob]:
+        options = self.candidates(arm.method, arm.values, arm.sizes or self.request.sizes or self.scale.sizes)
+        counts = dict(options)
+        jobs = []
+        for size in self.rungs(arm, options, reference_rungs):
+            jobs.extend(self.size_jobs(arm, size, counts[size]))
+        return jobs
 
-    jobs: list[PlannedJob] = []
-    reference_counts: dict[str, Counts] = {}
-    for method in methods:
-        for values in variants.get(method, [{}]):
-            options = candidates(method, values)
-            if reference_rungs is not None:  # tokens mode: vanilla's rungs (those this method can build)
-                rungs = [size for size, _ in options if size in reference_rungs]
-            else:
-                rungs = closest(options)
-            counts = dict(options)
-            for size in rungs:
-                model, train, data, vocab = settings(method, size)
-                model = {**model, **values}
-                c = counts[size]
-                if size not in reference_counts:
-                    ref_model, ref_train, _, ref_vocab = settings(REFERENCE_METHOD, size)
-                    try:
-                        reference_counts[size] = count(REFERENCE_METHOD, size, ref_model, ref_vocab, ref_train.seq_len)
-                    except ConfigError as exc:
-                        if request.match == "tokens":
-                            raise PlanError(f"--match tokens needs {REFERENCE_METHOD} at {size}, which the "
-                                            f"overrides break ({exc}); give them per method (METHOD:FIELD=V)") from None
-                        reference_counts[size] = c  # only the memory estimate uses it
-                ref = reference_counts[size]
-                if request.match == "tokens":
-                    ref_model, ref_train, _, _ = settings(REFERENCE_METHOD, size)
-                    ref_train, ref_steps = sized_steps(ref.train_flops_per_token, ref_train,
-                                                       batch_fixed(REFERENCE_METHOD), budget)
-                    tokens_bought = ref_steps * ref_train.tokens_per_step
-                    if not batch_fixed(method):
-                        train = dataclasses.replace(train, batch_size=ref_train.batch_size)
-                    steps = max(1, round(tokens_bought / train.tokens_per_step))
-                    spend = steps * train.tokens_per_step * c.train_flops_per_token
-                else:
-                    train, steps = sized_steps(c.train_flops_per_token, train, batch_fixed(method), budget)
-                    spend = budget
-                if steps < 1:
-                    skipped.append(f"{method}/{size}: the budget buys less than one sequence of {train.seq_len} "
-                                   f"tokens ({c.train_flops_per_token * train.seq_len:.3g} FLOPs)")
-                    continue
-                tokens = steps * train.tokens_per_step
-                planned_flops = tokens * c.train_flops_per_token
-                error = planned_flops / budget - 1 if request.match == "train-flops" else 0.0
-                if abs(error) > BUDGET_TOLERANCE:
-                    why = ("train.batch_size is fixed by --set; lower it for more, smaller steps"
-                           if batch_fixed(method) else "even one sequence per step gives too few steps; raise --budget")
-                    notes.append(f"{method}/{size}: {steps} steps of {train.batch_size} x {train.seq_len} tokens "
-                                 f"train {planned_flops:.3g} FLOPs, {error:+.1%} off the budget ({why})")
-                tags: dict[str, Any] = {"match": request.match, "sweep_budget": budget}
-                if values:
-                    tags["variant"] = _variant_label(values)
-                if request.match == "tokens":
-                    tags["tokens_of"] = REFERENCE_METHOD
-                for seed in range(request.seeds):
-                    job = Job(method=method, budget=spend, size=size, seed=seed, model=dict(model), train=train,
-                              data=data, tags=dict(tags))
-                    jobs.append(PlannedJob(
-                        job=job, job_id=job.job_id(), method=method, variant=tags.get("variant", ""), size=size,
-                        seed=seed, params=c.params, non_embedding_params=c.non_embedding_params,
-                        train_flops_per_token=c.train_flops_per_token,
-                        infer_flops_per_token_max=c.infer_flops_per_token_max, batch_size=train.batch_size, grad_accum=train.grad_accum,
-                        seq_len=train.seq_len, steps=steps, tokens=tokens, train_flops=planned_flops,
-                        budget_error=error, chinchilla_tokens=CHINCHILLA_TOKENS_PER_PARAM * c.params, hours=0.0,
-                        memory_bytes=_memory(c, ref, train, vocab, bf16=False)))
-    if not jobs:
-        detail = "; ".join(skipped[:3]) or "no method can be built at the chosen rungs"
-        raise PlanError(f"nothing to run at budget {budget:.3g} FLOPs ({detail}); raise --budget or pick --sizes")
+    def size_jobs(self, arm: Arm, size: str, c: Counts) -> list[PlannedJob]:
+        st = self.settings(arm.method, size)
+        model, train = {**st.model, **arm.values}, st.train
+        ref = self.reference(size, c)
+        if self.request.match == "tokens":
+            tokens, ref_train = self.tokens_bought(size)
+            if not self.batch_fixed(arm.method):
+                train = dataclasses.replace(train, batch_size=ref_train.batch_size)
+            steps = max(1, round(tokens / train.tokens_per_step))
+            spend = steps * train.tokens_per_step * c.train_flops_per_token
+        else:
+            train, steps = self.sized_steps(c.train_flops_per_token, train, self.batch_fixed(arm.method), self.budget)
+            spend = self.budget
+        if steps < 1:
+            self.skipped.append(f"{arm.method}/{size}: the budget buys less than one sequence of {train.seq_len} "
+                                f"tokens ({c.train_flops_per_token * train.seq_len:.3g} FLOPs)")
+            return []
+        tokens = steps * train.tokens_per_step
+        planned_flops = tokens * c.train_flops_per_token
+        error = planned_flops / self.budget - 1 if self.request.match == "train-flops" else 0.0
+        if abs(error) > BUDGET_TOLERANCE:
+            why = ("train.batch_size is fixed by --set; lower it for more, smaller steps"
+                   if self.batch_fixed(arm.method)
+                   else "even one sequence per step gives too few steps; raise --budget")
+            self.notes.append(f"{arm.method}/{size}: {steps} steps of {train.batch_size} x {train.seq_len} tokens "
+                              f"train {planned_flops:.3g} FLOPs, {error:+.1%} off the budget ({why})")
+        tags: dict[str, Any] = {"match": self.request.match, "sweep_budget": self.budget}
+        if arm.label:
+            tags["variant"] = arm.label
+        if self.request.match == "tokens":
+            tags["tokens_of"] = REFERENCE_METHOD
+        jobs = []
+        for seed in range(arm.seeds or self.request.seeds):
+            job = Job(method=arm.method, budget=spend, size=size, seed=seed, model=dict(model), train=train,
+                      data=st.data, tags=dict(tags))
+            jobs.append(PlannedJob(
+                job=job, job_id=job.job_id(), method=arm.method, variant=arm.label, size=size, seed=seed,
+                params=c.params, non_embedding_params=c.non_embedding_params,
+                train_flops_per_token=c.train_flops_per_token, infer_flops_per_token_max=c.infer_flops_per_token_max,
+                batch_size=train.batch_size, grad_accum=train.grad_accum, seq_len=train.seq_len, steps=steps,
+                tokens=tokens, train_flops=planned_flops, budget_error=error,
+                chinchilla_tokens=CHINCHILLA_TOKENS_PER_PARAM * c.params, hours=0.0,
+                memory_bytes=_memory(c, ref, train, st.vocab, bf16=False)))
+        return jobs
 
-    if hardware is None:
-        smallest = min(jobs, key=lambda j: SIZES[j.size].d_model)
-        probe_train = _train_config(scale, smallest.size, shared.train)
-        hardware = detect_hardware(scale, probe_train, request.vocab_size or _resolve_vocab(
-            _data_config(scale, shared.data))[0], gpu=request.gpu, mfu=request.mfu, workers=request.workers,
-            cpus_per_job=request.cpus_per_job, probe_size=smallest.size)
-    bf16 = hardware.kind != "cpu"
-    for planned in jobs:
-        planned.hours = planned.train_flops / hardware.flops_per_second / 3600.0
-        if bf16:
-            model, train, _, vocab = settings(planned.method, planned.size)
-            c = count(planned.method, planned.size, planned.job.model, vocab, train.seq_len)
-            planned.memory_bytes = _memory(c, reference_counts[planned.size], planned.job.train, vocab, bf16=True)
-    if hardware.memory_bytes:
-        too_big = [j for j in jobs if j.memory_bytes > hardware.memory_bytes]
-        if too_big:
-            worst = max(too_big, key=lambda j: j.memory_bytes)
-            notes.append(f"{len(too_big)} job(s) need more than one {hardware.name}'s "
-                         f"{hardware.memory_bytes / 1e9:.0f} GB "
-                         f"(worst: {worst.method}/{worst.size}, ~{worst.memory_bytes / 1e9:.0f} GB): lower "
-                         "train.batch_size for them (METHOD:train.batch_size=N) or use larger GPUs")
-    if scale.name == "pythia" and shared.data.get("source", "embedded") == "embedded":
-        notes.append("data: the embedded corpus holds ~3.7M training tokens; Pythia-scale jobs need a real corpus "
-                     "(--set data.source=hf:<dataset> or a folder of .jsonl/.parquet)")
-    notes.append("hours count training only; evaluation (perplexity by deployed decoding, downstream tasks) adds to it")
-    skipped = list(dict.fromkeys(skipped))  # tokens mode looks at vanilla's rungs twice
-    return Plan(request, scale, hardware, request.vocab_size or _resolve_vocab(_data_config(scale, shared.data))[0],
-                jobs, skipped, notes)
+    def jobs(self) -> list[PlannedJob]:
+        reference_rungs = None
+        if self.request.match == "tokens" and not self.request.reference_size:
+            sizes = self.request.sizes or self.scale.sizes
+            reference_rungs = self.closest(self.candidates(REFERENCE_METHOD, {}, sizes))
+        jobs = [job for arm in self.arms for job in self.arm_jobs(arm, reference_rungs)]
+        if not jobs:
+            detail = "; ".join(self.skipped[:3]) or "no method can be built at the chosen rungs"
+            raise PlanError(f"nothing to run at budget {self.budget:.3g} FLOPs ({detail}); raise --budget or pick "
+                            "--sizes")
+        return jobs
+
+    # -- hardware ---------------------------------------------------------------------------------
+
+    def estimate(self, jobs: list[PlannedJob], hardware: Hardware | None) -> Hardware:
+        """Hours and memory of every job on ``hardware`` (probed here when not given)."""
+        request = self.request
+        if hardware is None:
+            smallest = min(jobs, key=lambda j: SIZES[j.size].d_model)
+            probe_train = _train_config(self.scale, smallest.size, self.shared.train)
+            hardware = detect_hardware(self.scale, probe_train, self.vocab(), gpu=request.gpu, mfu=request.mfu,
+                                       workers=request.workers, cpus_per_job=request.cpus_per_job,
+                                       probe_size=smallest.size)
+        for planned in jobs:
+            planned.hours = planned.train_flops / hardware.flops_per_second / 3600.0
+            if hardware.kind != "cpu":  # bf16 activations on accelerators
+                st = self.settings(planned.method, planned.size)
+                c = count(planned.method, planned.size, planned.job.model, st.vocab, st.train.seq_len)
+                planned.memory_bytes = _memory(c, self.reference_counts.get(planned.size, c), planned.job.train,
+                                               st.vocab, bf16=True)
+        if hardware.memory_bytes:
+            too_big = [j for j in jobs if j.memory_bytes > hardware.memory_bytes]
+            if too_big:
+                worst = max(too_big, key=lambda j: j.memory_bytes)
+                self.notes.append(
+                    f"{len(too_big)} job(s) need more than one {hardware.name}'s {hardware.memory_bytes / 1e9:.0f} GB "
+                    f"(worst: {worst.method}/{worst.size}, ~{worst.memory_bytes / 1e9:.0f} GB): lower "
+                    "train.batch_size for them (METHOD:train.batch_size=N) or use larger GPUs")
+        return hardware
+
+    def vocab(self) -> int:
+        return self.request.vocab_size or _resolve_vocab(_data_config(self.scale, self.shared.data))[0]
+
+    def data_notes(self, jobs: list[PlannedJob]) -> None:
+        sources = {j.job.data.source for j in jobs}
+        if self.scale.name == "pythia" and "embedded" in sources:
+            self.notes.append("data: the embedded corpus holds ~3.7M training tokens; Pythia-scale jobs need a real "
+                              "corpus (--set data.source=hf:<dataset> or a folder of .jsonl/.parquet)")
+        hub = sorted(hub_sources(jobs[0].job.data) if len({json_key(j.job.data) for j in jobs}) == 1
+                     else {name for j in jobs for name in hub_sources(j.job.data)})
+        if hub:
+            self.notes.append("needs the hub (or a local cache) for: " + ", ".join(hub))
+        self.notes.append("hours count training only; evaluation (perplexity by deployed decoding, downstream "
+                          "tasks) adds to it")
+
+
+def hub_sources(data: DataConfig) -> set[str]:
+    """The hub names a job's data needs: ``hf:`` sources and tokenizers that are neither "bpe" nor a file."""
+    needs = {s for s in (data.source, data.val_source) if s and s.startswith("hf:")}
+    spec = data.tokenizer.strip()
+    if spec != "bpe" and not os.path.exists(os.path.expanduser(spec)):
+        needs.add(f"tokenizer {spec}")
+    return needs
+
+
+def json_key(data: DataConfig) -> str:
+    return repr(sorted(dataclasses.asdict(data).items()))
+
+
+def request_arms(request: PlanRequest, per_method: dict[str, _Overrides]) -> list[Arm]:
+    """The comparison's arms: given (a study), or every (method, --vary combination) of the request."""
+    if request.arms:
+        arms = list(request.arms)
+        for arm in arms:
+            registry.get(arm.method)
+        named = {arm.method for arm in arms}
+    else:
+        variants = parse_vary(request.vary)
+        methods = list(request.methods) if request.methods else list(registry.plugins())
+        for method in methods:
+            registry.get(method)
+        for method in variants:
+            if method not in methods:
+                raise PlanError(f"override or --vary for {method!r}, which is not among the swept methods "
+                                f"({', '.join(methods)})")
+        arms = [Arm(method, values, _variant_label(values)) for method in methods
+                for values in variants.get(method, [{}])]
+        named = set(methods)
+    for method in per_method:
+        if method not in named:
+            raise PlanError(f"override for {method!r}, which is not among the swept methods "
+                            f"({', '.join(sorted(named))})")
+    return arms
+
+
+def vanilla_train_flops_per_token(size: str, overrides: list[str]) -> float:
+    """Training FLOPs per token of the reference method at ``size`` under ``--set`` pairs (a study's tokens)."""
+    scale = scale_of(size)
+    shared, per_method = split_overrides(overrides)
+    own = per_method.get(REFERENCE_METHOD, _Overrides({}, {}, {}))
+    train = _train_config(scale, size, shared.train, own.train)
+    vocab = _resolve_vocab(_data_config(scale, shared.data, own.data))[0]
+    return count(REFERENCE_METHOD, size, {**shared.model, **own.model}, vocab, train.seq_len).train_flops_per_token
+
+
+def make_plan(request: PlanRequest, hardware: Hardware | None = None) -> Plan:
+    """Resolve ``request`` into jobs (see the module docstring for every rule); probes hardware if not given."""
+    planner = _Planner(request)
+    jobs = planner.jobs()
+    hardware = planner.estimate(jobs, hardware)
+    planner.data_notes(jobs)
+    skipped = list(dict.fromkeys(planner.skipped))  # tokens mode looks at vanilla's rungs twice
+    return Plan(request, planner.scale, hardware, planner.vocab(), jobs, skipped, planner.notes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -421,6 +551,13 @@ def _hours(h: float) -> str:
     return f"{h:,.1f} h"
 
 
+def _vs_budget(job: PlannedJob, request: PlanRequest) -> str:
+    """Train-flops mode: the distance from the budget; tokens mode: the cost relative to vanilla's."""
+    if request.match == "tokens":
+        return f"{job.train_flops / request.budget:.2f}x"
+    return f"{job.train_flops / request.budget - 1:+.1%}"
+
+
 def format_plan(plan: Plan) -> str:
     r = plan.request
     mode = ("every job trains with the budget's FLOPs" if r.match == "train-flops"
@@ -429,14 +566,16 @@ def format_plan(plan: Plan) -> str:
               f"{len(plan.jobs)} job(s), {r.seeds} seed(s)"),
              f"sizes: {plan.rule()}",
              f"hardware: {plan.hardware.basis}", ""]
-    header = ("method", "size", "params", "batch", "steps", "tokens", "tok/param", "train FLOPs", "vs budget",
+    header = ("method", "size", "params", "batch", "steps", "tokens", "tok/param", "train FLOPs",
+              "vs vanilla" if r.match == "tokens" else "vs budget",
               "FLOPs/token", "est. time", "memory")
     rows = []
     for j in plan.jobs:
         name = j.method + (f" [{j.variant}]" if j.variant else "") + (f" s{j.seed}" if r.seeds > 1 else "")
-        rows.append((name, j.size, _si(j.params), (str(j.batch_size) if j.grad_accum == 1 else f"{j.batch_size}x{j.grad_accum}"), f"{j.steps:,}", _si(j.tokens),
+        batch = str(j.batch_size) if j.grad_accum == 1 else f"{j.batch_size}x{j.grad_accum}"
+        rows.append((name, j.size, _si(j.params), batch, f"{j.steps:,}", _si(j.tokens),
                      f"{j.tokens / j.params:.2g}", f"{j.train_flops:.3g}",
-                     f"{j.train_flops / r.budget - 1:+.1%}", _si(j.train_flops_per_token), _hours(j.hours),
+                     _vs_budget(j, r), _si(j.train_flops_per_token), _hours(j.hours),
                      _si(j.memory_bytes, "B")))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))

@@ -6,9 +6,9 @@ harness's decorator and states only what differs from the shared backbone.
 
 from dataclasses import dataclass
 
+from harness.core.config import ConfigError, ModelConfig
 from harness.core.registry import register
 from models.base import DecodeOutput, LanguageModel, TrainOutput, next_token_loss
-from harness.core.config import ConfigError, ModelConfig
 
 
 @dataclass

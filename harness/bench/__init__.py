@@ -1,0 +1,63 @@
+"""``python -m harness bench [--json] [--quick] [--out FILE] [--threads N]``: speed against references.
+
+One module per benchmark (``train_throughput``, ``decode_cache``, ``pruned_decode``,
+``jacobi_training``); ``common`` holds the configuration, targets, timing and machine info, ``run`` the
+whole run and its tables. Methods take part by the roles they declare (``LanguageModel.bench_roles``).
+
+Five measurements, each with the target the project set for it (``targets`` in the JSON says met or
+missed, with the number):
+
+1. ``train_throughput`` -- training-step throughput (forward + backward, tokens/s) of our backbone
+   (``vanilla`` with ``ponder_init`` off) against ``transformers.LlamaForCausalLM`` with the same
+   config, weights and dtype (float32), at every rung of the CPU ladder. Both get the same batch of
+   real text and the same loss function (``models.base.next_token_loss``) on their logits, so the
+   comparison is of the models. The largest logit difference is recorded (the two must compute the
+   same function). Target: ours / theirs >= 1.0.
+2. ``decode_cache`` -- greedy generation of 512 tokens with the KV cache against recomputing the
+   whole prefix for every new token (vanilla). The recomputing baseline runs the blocks over the
+   prefix and the LM head on the last position only (computing logits nobody reads would flatter the
+   cache). Both must generate the same tokens (``tokens_agree``). Target: >= 10x, per batch size.
+3. ``pruned_decode`` -- every method with the ``pruned_decoding`` role (PonderLM-3) decoding with hard
+   pruning against its declared ``fixed_twin`` (PonderLM-2) at the same K and the same backbone
+   weights, through the deployed scoring path (``model.score``). ``force_steps(prune_kept_steps)``
+   makes every token keep that many latent steps, so a known fraction ``(K - kept) / K`` is pruned
+   (measured: ``pruned_fraction``). The FLOPs of both come from the compute ledger. Target: wall-clock
+   saving >= 80% of the FLOPs saving.
+4. ``jacobi_training`` -- training-step time of every method with the ``jacobi_training`` role
+   (PonderLM-2 and PonderLM-3, their default K and Jacobi passes) against vanilla, next to the
+   analytic training-FLOPs ratio (``train_flops_per_token``, mean J). Each J the config samples is
+   timed and the times averaged, which is the expected step time under the uniform draw. The ledger's
+   count of one step per J is recorded beside the analytic one. Target: time ratio within 1.25x of the FLOPs ratio.
+5. ``utilization`` -- achieved training FLOP/s (analytic training FLOPs per token x tokens/s) of every
+   training measurement above, as a fraction of this machine's matmul peak, measured in the same run
+   with large float32 matmuls at the same thread count.
+
+Timing: every contender is warmed up, then the contenders of one comparison are run in turn
+(A, B, A, B, ...) for ``repeats`` rounds and the median of each is kept, so that a change of machine
+load during the run hits all of them alike. Load averages before and after are recorded.
+
+Threads: one by default. The CPU-sized models are dispatch-bound (many small kernels), where one
+thread is as fast as two, and on a machine shared with other work a second OpenMP thread that gets
+descheduled stalls every parallel kernel (measured: several times slower and far noisier).
+``--threads 0`` keeps torch's default.
+"""
+
+from harness.bench.common import (
+                                  SCHEMA_VERSION,
+                                  SECTIONS,
+                                  BenchConfig,
+                                  Timing,
+                                  measure_matmul_peak,
+                                  methods_with_role,
+                                  time_interleaved,
+)
+from harness.bench.decode_cache import bench_decode_cache, generate_cached, generate_recomputing
+from harness.bench.jacobi_training import bench_jacobi_training
+from harness.bench.pruned_decode import bench_pruned_decode
+from harness.bench.run import benchmark, format_report, target_rows, utilization_rows
+from harness.bench.train_throughput import bench_train_throughput, to_transformers_llama
+
+__all__ = ["SCHEMA_VERSION", "SECTIONS", "BenchConfig", "Timing", "bench_decode_cache", "bench_jacobi_training",
+           "bench_pruned_decode", "bench_train_throughput", "benchmark", "format_report", "generate_cached",
+           "generate_recomputing", "measure_matmul_peak", "methods_with_role", "target_rows", "time_interleaved",
+           "to_transformers_llama", "utilization_rows"]

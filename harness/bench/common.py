@@ -1,0 +1,187 @@
+"""What every benchmark shares: the configuration, the targets, timing, machine info, method roles."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from harness.core import registry
+from harness.core.config import CPU_SIZES, SIZES, ConfigError
+from harness.core.registry import Plugin
+from harness.data import DataConfig
+
+SCHEMA_VERSION = 1
+SECTIONS = ("train", "decode", "prune", "jacobi")
+
+# The targets the project set (see the docstring of harness/bench/__init__.py).
+TARGET_TRAIN_RATIO = 1.0
+TARGET_DECODE_SPEEDUP = 10.0
+TARGET_DECODE_TOKENS = 512  # the decoding target is defined at this generation length
+TARGET_PRUNE_EFFICIENCY = 0.8
+TARGET_JACOBI_OVERHEAD = 1.25
+
+
+
+@dataclass
+class BenchConfig:
+    """What the benchmark runs; :meth:`full` and :meth:`quick` are the two command-line profiles."""
+
+    profile: str = "full"
+    sections: tuple[str, ...] = SECTIONS
+    threads: int = 1  # 0 = torch's default
+    warmup: int = 2  # untimed calls of every contender before timing
+    repeats: int = 5  # timed rounds (medians)
+    # 1. training throughput (and 5. utilisation): the trainer's default shape
+    sizes: tuple[str, ...] = CPU_SIZES
+    seq_len: int = 128
+    batch_size: int = 16
+    # 2. cached decoding against recomputation
+    decode_size: str = "tiny"
+    decode_tokens: int = 512
+    decode_prompt: int = 16
+    decode_batches: tuple[int, ...] = (1, 4)
+    decode_repeats: int = 3
+    # 3. hard-pruned PonderLM-3 against PonderLM-2
+    prune_size: str = "tiny"
+    prune_latent_steps: int = 3
+    prune_kept_steps: int = 1
+    prune_seq_len: int = 64
+    prune_batch: int = 4
+    # 4. Jacobi training of PonderLM-2/3 against vanilla
+    jacobi_size: str = "tiny"
+    jacobi_batch: int = 8
+    jacobi_repeats: int = 3
+    # 5. the matmul peak: n x n float32 matmuls
+    peak_matmul_n: int = 2048
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        self.sections = tuple(self.sections)
+        unknown = sorted(set(self.sections) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"bench sections {', '.join(unknown)} unknown; choose from {', '.join(SECTIONS)}")
+        self.sizes, self.decode_batches = tuple(self.sizes), tuple(self.decode_batches)
+        bad = [s for s in self.sizes if s not in SIZES]
+        if bad:
+            raise ConfigError(f"BenchConfig.sizes: unknown size(s) {', '.join(bad)}; choose from {', '.join(SIZES)}")
+        if not self.decode_batches or any(b < 1 for b in self.decode_batches):
+            raise ConfigError(f"BenchConfig.decode_batches={self.decode_batches}: give batch sizes >= 1")
+        for name in ("decode_size", "prune_size", "jacobi_size"):
+            if getattr(self, name) not in SIZES:
+                raise ConfigError(f"BenchConfig.{name}={getattr(self, name)!r}: choose one of {', '.join(SIZES)}")
+        if self.warmup < 0:
+            raise ConfigError(f"BenchConfig.warmup={self.warmup}: must be >= 0")
+        positive = ("repeats", "seq_len", "batch_size", "decode_tokens", "decode_prompt",
+                    "decode_repeats", "prune_latent_steps", "prune_seq_len", "prune_batch", "jacobi_batch",
+                    "jacobi_repeats", "peak_matmul_n")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"BenchConfig.{name}={getattr(self, name)!r}: must be positive")
+        if not 0 <= self.prune_kept_steps < self.prune_latent_steps:
+            raise ConfigError(f"BenchConfig.prune_kept_steps={self.prune_kept_steps}: must lie in "
+                              f"[0, prune_latent_steps={self.prune_latent_steps}) so that something is pruned")
+        if self.threads < 0:
+            raise ConfigError(f"BenchConfig.threads={self.threads}: must be >= 0 (0 = torch's default)")
+
+    @classmethod
+    def full(cls, **changes: Any) -> BenchConfig:
+        return cls(**changes)
+
+    @classmethod
+    def quick(cls, **changes: Any) -> BenchConfig:
+        """Same measurements on smaller shapes and fewer rounds (under two minutes on two cores)."""
+        return cls(**{"profile": "quick", "warmup": 1, "repeats": 3, "seq_len": 64, "batch_size": 8,
+                      "decode_tokens": 128, "decode_repeats": 2, "prune_seq_len": 32, "prune_batch": 2,
+                      "jacobi_batch": 4, "jacobi_repeats": 2, "peak_matmul_n": 1024, **changes})
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing
+
+
+@dataclass
+class Timing:
+    """Seconds per call of one contender: the median and every timed sample."""
+
+    median: float
+    samples: list[float]
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: how noisy the samples were."""
+        return (max(self.samples) - min(self.samples)) / self.median if self.median > 0 else float("nan")
+
+
+def time_interleaved(contenders: dict[str, Callable[[], Any]], warmup: int, repeats: int,
+                     tick: Callable[[], None] | None = None) -> dict[str, Timing]:
+    """Warm every contender up, then time ``repeats`` rounds of one call each, in turn; medians.
+
+    Interleaving (A, B, A, B, ...) makes a change in machine load during the run hit every contender
+    alike, which a block of A's followed by a block of B's does not.
+    """
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            started = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - started)
+            if tick is not None:
+                tick()
+    return {name: Timing(statistics.median(s), s) for name, s in samples.items()}
+
+
+def measure_matmul_peak(n: int, repeats: int = 5) -> dict[str, float]:
+    """FLOP/s of n x n float32 matmuls (2 n^3 FLOPs each) at the current thread count: the peak."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator)
+    b = torch.randn(n, n, generator=generator)
+    out = torch.empty(n, n)
+    timing = time_interleaved({"matmul": lambda: torch.mm(a, b, out=out)}, warmup=2, repeats=repeats)["matmul"]
+    return {"n": n, "seconds": timing.median, "flops_per_s": 2.0 * n ** 3 / timing.median}
+
+
+
+def train_step(forward: Callable[[], torch.Tensor], module: torch.nn.Module) -> Callable[[], None]:
+    """One training step (zero grads, forward, backward) as a timed contender."""
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        forward().backward()
+    return step
+
+
+def methods_with_role(role: str) -> list[Plugin]:
+    """The registered methods that declare ``role`` in their ``bench_roles``, by name."""
+    return [p for p in registry.plugins().values() if role in p.cls.bench_roles]
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+__all__ = ["BenchConfig", "SCHEMA_VERSION", "SECTIONS", "TARGET_DECODE_SPEEDUP", "TARGET_DECODE_TOKENS",
+           "TARGET_JACOBI_OVERHEAD", "TARGET_PRUNE_EFFICIENCY", "TARGET_TRAIN_RATIO", "Timing", "load_average",
+           "machine_info", "measure_matmul_peak", "methods_with_role", "time_interleaved", "train_step"]

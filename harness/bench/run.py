@@ -1,0 +1,172 @@
+"""The whole run: the sections of a :class:`BenchConfig`, utilisation, targets, and the tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from harness.bench.common import (
+    SCHEMA_VERSION,
+    TARGET_DECODE_TOKENS,
+    BenchConfig,
+    load_average,
+    machine_info,
+    measure_matmul_peak,
+    methods_with_role,
+)
+from harness.bench.decode_cache import bench_decode_cache
+from harness.bench.jacobi_training import bench_jacobi_training, planned_runs
+from harness.bench.pruned_decode import bench_pruned_decode
+from harness.bench.train_throughput import bench_train_throughput
+from harness.data import TokenizedCorpus, load_corpus
+from models.base import PRUNED_DECODING
+
+
+def utilization_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    peak = report["peak_matmul"]["flops_per_s"]
+    rows = []
+    for row in report.get("train_throughput", []):
+        for who in ("ours", "transformers"):
+            achieved = row["train_flops_per_token"] * row[f"{who}_tokens_per_s"]
+            rows.append({"what": f"{who} vanilla train step", "size": row["size"], "flops_per_s": achieved,
+                         "fraction_of_peak": achieved / peak})
+    for row in report.get("jacobi_training", []):
+        achieved = row["train_flops_per_token"] * row["tokens_per_s"]
+        rows.append({"what": f"{row['method']} train step", "size": row["size"], "flops_per_s": achieved,
+                     "fraction_of_peak": achieved / peak})
+    return rows
+
+
+def target_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One line per target: what was measured, the value, the target and whether it is met (None: the
+    run's shape is not the one the target is defined at)."""
+    rows = []
+    for r in report.get("train_throughput", []):
+        rows.append({"section": "train_throughput", "what": f"vanilla {r['size']}: ours / transformers tokens/s",
+                     "value": r["ratio"], "target": f">= {r['target']:g}", "met": r["met"]})
+    for r in report.get("decode_cache", []):
+        rows.append({"section": "decode_cache", "what": f"cached vs recompute, {r['generated_tokens']} tokens, "
+                                                        f"batch {r['batch_size']}",
+                     "value": r["speedup"], "target": f">= {r['target']:g}x", "met": r["met"]})
+    for r in report.get("pruned_decode", []):
+        rows.append({"section": "pruned_decode", "what": f"wall saving / FLOPs saving ({r['pruned_fraction']:.0%} "
+                                                         "of latent steps pruned)",
+                     "value": r["efficiency"], "target": f">= {r['target']:g}", "met": r["met"]})
+    for r in report.get("jacobi_training", []):
+        if "target" in r:
+            rows.append({"section": "jacobi_training", "what": f"{r['method']}: time ratio / FLOPs ratio",
+                         "value": r["overhead"], "target": f"<= {r['target']:g}", "met": r["met"]})
+    return rows
+
+
+def benchmark(cfg: BenchConfig, progress: bool = True, corpus: TokenizedCorpus | None = None) -> dict[str, Any]:
+    """Run the sections of ``cfg`` and return the report (the JSON the command writes)."""
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.time()
+    try:
+        report: dict[str, Any] = {"schema": SCHEMA_VERSION, "profile": cfg.profile,
+                                  "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+                                  "machine": machine_info() | {"load_before": load_average()}}
+        if corpus is None:
+            corpus = load_corpus(cfg.data)
+        plan = {"train": len(cfg.sizes) * 2 * cfg.repeats,
+                "decode": len(cfg.decode_batches) * 2 * cfg.decode_repeats,
+                "prune": 2 * cfg.repeats * len(methods_with_role(PRUNED_DECODING)),
+                "jacobi": planned_runs(cfg)}
+        total = sum(plan[s] for s in cfg.sections)
+        with tqdm(total=total, desc="bench", unit="run", disable=not progress, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            tick = lambda: bar.update(1)  # noqa: E731 (a one-line callback)
+            bar.set_postfix_str("matmul peak")
+            report["peak_matmul"] = measure_matmul_peak(cfg.peak_matmul_n)
+            runners = {"train": ("train_throughput", bench_train_throughput),
+                       "decode": ("decode_cache", bench_decode_cache),
+                       "prune": ("pruned_decode", bench_pruned_decode),
+                       "jacobi": ("jacobi_training", bench_jacobi_training)}
+            for section in cfg.sections:
+                key, runner = runners[section]
+                bar.set_postfix_str(key)
+                report[key] = runner(cfg, corpus, tick)
+        report["utilization"] = utilization_rows(report)
+        report["targets"] = target_rows(report)
+        report["machine"]["load_after"] = load_average()
+        report["seconds"] = time.time() - started
+        return report
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "met" if value else "MISSED"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-2):
+            return f"{value:.3g}"
+        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    return str(value)
+
+
+def _table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> list[str]:
+    if not rows:
+        return []
+    cells = [[_fmt(row.get(key, "")) for key, _ in columns] for row in rows]
+    widths = [max(len(head), *(len(c[i]) for c in cells)) for i, (_, head) in enumerate(columns)]
+    line = lambda values: "  ".join(v.rjust(w) for v, w in zip(values, widths))  # noqa: E731
+    return [title, line([head for _, head in columns]), line(["-" * w for w in widths]),
+            *(line(c) for c in cells), ""]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable tables of a report."""
+    m, peak = report["machine"], report["peak_matmul"]
+    out = [f"bench ({report['profile']}): {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+           f"{report['config']['threads'] or m['torch_threads']} thread(s); load {m.get('load_before')} -> "
+           f"{m.get('load_after')}; {report.get('seconds', 0):.0f} s",
+           f"matmul peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s ({peak['n']}x{peak['n']} float32)", ""]
+    out += _table("1. training step throughput, vanilla vs transformers LlamaForCausalLM (float32, same loss)",
+                  report.get("train_throughput", []),
+                  [("size", "size"), ("ours_tokens_per_s", "ours tok/s"), ("transformers_tokens_per_s", "HF tok/s"),
+                   ("ratio", "ratio"), ("max_logit_diff", "logit diff"), ("met", "target >= 1")])
+    out += _table("2. cached decoding vs recomputing the prefix (vanilla, greedy)", report.get("decode_cache", []),
+                  [("size", "size"), ("batch_size", "batch"), ("generated_tokens", "tokens"),
+                   ("cached_seconds", "cached s"), ("recompute_seconds", "recompute s"),
+                   ("cached_ms_per_token", "ms/token"), ("speedup", "speedup"), ("tokens_agree", "agree"),
+                   ("met", "target >= 10x")])
+    for row in report.get("pruned_decode", []):
+        method, twin = row["method"], row["twin"]
+        out += _table(f"3. {method} hard-pruned decoding vs {twin} (model.score, ledger FLOPs)", [row],
+                      [("size", "size"), ("latent_steps", "K"), ("pruned_fraction", "pruned"),
+                       (f"{twin}_seconds", f"{twin} s"), (f"{method}_seconds", f"{method} s"),
+                       ("flops_saving", "FLOPs saved"), ("wall_saving", "time saved"), ("efficiency", "ratio"),
+                       ("met", "target >= 0.8")])
+    out += _table("4. Jacobi training step vs vanilla (mean over the J values drawn)",
+                  report.get("jacobi_training", []),
+                  [("method", "method"), ("size", "size"), ("step_seconds", "step s"), ("time_ratio", "time x"),
+                   ("flops_ratio", "FLOPs x"), ("overhead", "time/FLOPs"), ("met", "target <= 1.25")])
+    out += _table("5. achieved training FLOP/s as a fraction of the matmul peak", report.get("utilization", []),
+                  [("what", "what"), ("size", "size"), ("flops_per_s", "FLOP/s"), ("fraction_of_peak", "of peak")])
+    judged = [t for t in report.get("targets", []) if t["met"] is not None]
+    out.append(f"targets met: {sum(t['met'] for t in judged)} of {len(judged)}")
+    out += [f"  MISSED  {t['section']}: {t['what']} = {_fmt(t['value'])} (target {t['target']})"
+            for t in judged if not t["met"]]
+    unjudged = len(report.get("targets", [])) - len(judged)
+    if unjudged:
+        out.append(f"  ({unjudged} not judged: decoding targets are defined at {TARGET_DECODE_TOKENS} generated "
+                   "tokens)")
+    return "\n".join(out)
+
+
+__all__ = ["benchmark", "format_report", "target_rows", "utilization_rows"]

@@ -1,0 +1,65 @@
+"""1. Training-step throughput of our backbone against ``transformers.LlamaForCausalLM``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from harness.bench.common import TARGET_TRAIN_RATIO, BenchConfig, time_interleaved, train_step
+from harness.core import registry
+from harness.data import TokenizedCorpus, batch_at
+from models.base import next_token_loss
+
+
+def to_transformers_llama(decoder) -> torch.nn.Module:
+    """``transformers.LlamaForCausalLM`` with the decoder's config and weights (SDPA attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = decoder.cfg
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        rms_norm_eps=cfg.norm_eps, max_position_embeddings=8192, tie_word_embeddings=False,
+        attention_dropout=0.0, attn_implementation="sdpa",
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    hf = LlamaForCausalLM(hf_cfg)
+    # Parameter names mirror LLaMA's: converting is a prefix rename (rotary tables are not weights).
+    state = {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in decoder.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or any("rotary" not in m for m in missing):
+        raise RuntimeError(f"weights do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+    return hf
+
+
+def bench_train_throughput(cfg: BenchConfig, corpus: TokenizedCorpus, tick) -> list[dict[str, Any]]:
+    inputs, targets = batch_at(corpus.train, 0, cfg.batch_size, cfg.seq_len, seed=0)
+    tokens = inputs.numel()
+    rows = []
+    for size in cfg.sizes:
+        torch.manual_seed(0)
+        ours = registry.build("vanilla", size, {"vocab_size": corpus.vocab_size, "ponder_init": False}).train()
+        theirs = to_transformers_llama(ours.decoder).train()
+        with torch.no_grad():
+            logit_diff = (ours.decoder(inputs) - theirs(input_ids=inputs, use_cache=False).logits).abs().max().item()
+        timings = time_interleaved({
+            "ours": train_step(lambda m=ours: m(inputs, targets).loss, ours),
+            "transformers": train_step(
+                lambda m=theirs: next_token_loss(m(input_ids=inputs, use_cache=False).logits, targets), theirs),
+        }, cfg.warmup, cfg.repeats, tick)
+        flops_per_token = ours.train_flops_per_token(cfg.seq_len)
+        ours_rate = tokens / timings["ours"].median
+        theirs_rate = tokens / timings["transformers"].median
+        rows.append({
+            "size": size, "params": ours.num_params(), "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+            "ours_tokens_per_s": ours_rate, "transformers_tokens_per_s": theirs_rate,
+            "ratio": ours_rate / theirs_rate, "target": TARGET_TRAIN_RATIO,
+            "met": ours_rate / theirs_rate >= TARGET_TRAIN_RATIO,
+            "train_flops_per_token": flops_per_token, "max_logit_diff": logit_diff,
+            "ours_spread": timings["ours"].spread, "transformers_spread": timings["transformers"].spread,
+        })
+    return rows
+
+
+
+__all__ = ["bench_train_throughput", "to_transformers_llama"]
