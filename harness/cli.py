@@ -28,6 +28,8 @@ COMMANDS: dict[str, str] = {
     "claims": "test the PonderLM-3 paper's claims C1-C5 on a study's results",
     "bench": "speed benchmarks against the reference implementations",
     "tasks": "list the downstream tasks available offline",
+    "export": "write a trained job as a Hugging Face Llama folder (LlamaForCausalLM for vanilla jobs)",
+    "check": "run the plugin contract's checks on a registered method (for plugin authors)",
 }
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from harness import checkpoint
+from harness import checkpoint, hf
 from harness.core import registry
 from harness.core.config import dataclass_from, require
 from harness.core.errors import CheckpointError, ConfigError
@@ -80,6 +80,9 @@ class Job:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tags: dict[str, Any] = field(default_factory=dict)  # recorded, not used (e.g. the sweep's match mode)
+    # A Hugging Face Llama checkpoint (folder or "hf:<name>") the backbone starts from (harness/hf.py); its
+    # config sets the shape, so ``size`` is then unused. Left out of to_dict() while unset: see to_dict.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if not (self.budget > 0 and math.isfinite(self.budget)):
@@ -87,7 +90,12 @@ class Job:
         registry.get(self.method)  # unknown method -> clear error now, not after loading data
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # The job id hashes this dict, and job.json must equal it on resume: an unset init_from is left
+        # out so every job written before the field existed keeps its id and its folder.
+        d = dataclasses.asdict(self)
+        if not self.init_from:
+            del d["init_from"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Job:
@@ -133,6 +141,8 @@ def autocast_for(device: torch.device, precision: str):
 
 def make_model(job: Job, vocab_size: int):
     plugin = registry.get(job.method)
+    if job.init_from:  # the checkpoint's config sets the shape (harness.hf.model_config)
+        return plugin.build(hf.model_config(plugin, job.init_from, job.model, vocab_size))
     config = plugin.make_config(job.size, {"vocab_size": vocab_size, **job.model})
     return plugin.build(config)
 

@@ -71,6 +71,7 @@ class ResultsStore:
         self.root = pathlib.Path(root)
         self.path = self.root / RUNS_FILE
         self.skipped_lines = 0  # incomplete or corrupt lines seen by the last read
+        self.skipped_at: list[int] = []  # their line numbers (1-based)
 
     # -- layout -----------------------------------------------------------------------------------
 
@@ -81,24 +82,32 @@ class ResultsStore:
 
     def records(self) -> list[dict[str, Any]]:
         """Every complete record, in file order; torn or corrupt lines are skipped (and counted)."""
-        self.skipped_lines = 0
+        self.skipped_lines, self.skipped_at = 0, []
         if not self.path.exists():
             return []
         out: list[dict[str, Any]] = []
         with open(self.path, "rb") as handle:
-            for raw in handle:
+            for number, raw in enumerate(handle, start=1):
                 if not raw.strip():
                     continue
                 try:
                     record = json.loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError):
-                    self.skipped_lines += 1  # a line cut by a kill (or damaged by hand)
-                    continue
+                    record = None  # a line cut by a kill (or damaged by hand)
                 if isinstance(record, dict) and isinstance(record.get("job_id"), str):
                     out.append(record)
                 else:
                     self.skipped_lines += 1
+                    self.skipped_at.append(number)
         return out
+
+    def skipped_note(self) -> str | None:
+        """One line naming the lines the last read skipped, or None when it skipped none."""
+        if not self.skipped_lines:
+            return None
+        shown = ", ".join(map(str, self.skipped_at[:10])) + (", ..." if len(self.skipped_at) > 10 else "")
+        return (f"skipped {self.skipped_lines} torn or malformed line(s) of {self.path} (line {shown}): "
+                "not complete JSON records with a job_id")
 
     def latest(self) -> dict[str, dict[str, Any]]:
         """job id -> its record: the last "ok" record if there is one (a later one only adds downstream

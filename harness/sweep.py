@@ -3,7 +3,7 @@
 How it runs (docs/design.md, "Running and scale"):
 
 * The plan (:mod:`harness.plan`) is printed first. A plan whose estimated wall time on the hardware
-  found exceeds :data:`CONFIRM_HOURS` stops and asks; ``--yes`` skips the question (without a
+  found exceeds :data:`harness.plan.hardware.CONFIRM_HOURS` stops and asks; ``--yes`` skips the question (without a
   terminal the sweep stops with a one-line error instead).
 * ``ray.init()`` starts a local instance with every CPU core unless ``--address``/``RAY_ADDRESS``
   names a cluster. A job takes one GPU when the cluster has GPUs, else ``--cpus-per-job`` CPUs (and as
@@ -51,7 +51,6 @@ from harness.train import train_job
 # What `python -m harness sweep` runs with neither --study nor --budget (harness/studies/quick.toml).
 DEFAULT_STUDY = "quick"
 STUDY_COPY = "study.toml"  # the study file a sweep ran, kept beside its results
-CONFIRM_HOURS = 24.0  # a plan estimated to need longer than this (wall, on the hardware found) asks first
 DEFAULT_RETRIES = 2
 WORKER_FILE = "worker.json"  # written by a running task into its job folder: pid, host, sweep token
 
@@ -227,7 +226,7 @@ def _cluster_slots(options: SweepOptions) -> tuple[int, int]:
 
 def _confirm(plan: planning.Plan, options: SweepOptions) -> None:
     hours = plan.wall_hours
-    if hours <= CONFIRM_HOURS or options.yes:
+    if hours <= planning.CONFIRM_HOURS or options.yes:
         return
     message = (f"budget {plan.request.budget:.3g} FLOPs needs ~{hours:,.0f} h of wall time on the hardware found "
                f"({plan.hardware.workers} worker(s), {plan.device_hours:,.0f} device-hours)")

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from harness import checkpoint
+from harness import checkpoint, hf
 from harness.core import compute
 from harness.core.errors import CheckpointError, ConfigError, TrainingError
-from harness.core.io import read_json, write_json_atomic
+from harness.core.io import make_folder, read_json, remove_if_empty, write_json_atomic
 from harness.data import batch_at, load_corpus
 from harness.evaluate import evaluate_model
 from harness.job import Job, TrainConfig, autocast_for, make_model, resolve_device
@@ -64,21 +64,27 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bool = False) -> dict[str, Any]:
     """Run (or resume, or return the finished result of) ``job`` in folder ``out``."""
     out = pathlib.Path(out)
-    finished = _claim_folder(job, out, force)
+    finished = _finished_result(job, out, force)  # reads only: nothing is written until the job is validated
     if finished is not None:
         return finished
+    remove_if_empty(make_folder(out, "job folder"), out)  # a folder that cannot be created fails now, not later
 
     started = time.time()
     torch.manual_seed(job.seed)
     device = resolve_device(job.train.device)
     corpus = load_corpus(job.data)
-    corpus.tokenizer.save(out / "tokenizer.json")
-    model = make_model(job, corpus.tokenizer.vocab_size).to(device)
+    model = make_model(job, corpus.tokenizer.vocab_size)
+    # continued pretraining: the checkpoint's weights, the method's own parameters keep their init (a resume
+    # then overwrites all of them from DIR/checkpoint)
+    init_from = hf.load_into(model, job.init_from) if job.init_from else None
+    model = model.to(device)
     cfg = job.train
 
     tokens_per_step = cfg.tokens_per_step
     flops_per_token = model.train_flops_per_token(cfg.seq_len)
     steps = _total_steps(job, flops_per_token, len(corpus.train))
+    previous = _claim_folder(job, out, force)  # the first write, once data, config and budget are validated
+    corpus.tokenizer.save(out / "tokenizer.json")
 
     optimizer = build_optimizer(model, cfg)
     ckpt_dir = out / "checkpoint"
@@ -150,31 +156,97 @@ def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bo
         "data": dataclasses.asdict(job.data) | {"name": corpus.name, "unigram_ppl": corpus.unigram_perplexity()},
         "tags": job.tags, "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
     }
+    if init_from:  # {"path", "loaded", "kept_own_init"}: what came from the checkpoint, what kept its own init
+        result["init_from"] = init_from
     result.update(evaluate_model(model, corpus, cfg, device, records_path=out / "tokens.npz",
                                  progress=progress))
     result["wall_seconds"] = time.time() - started + seconds_before
+    if previous.get("downstream"):  # scores of an earlier `harness eval --tasks` survive re-evaluation
+        result["downstream"] = previous["downstream"]
+    warning = flops_warning(result, model.adaptive)
+    if warning:
+        result["flops_warning"] = warning
     write_json_atomic(out / "result.json", result)
     return result
 
 
-def _claim_folder(job: Job, out: pathlib.Path, force: bool) -> dict[str, Any] | None:
-    """Make ``out`` the folder of ``job`` (wiped first with ``force``); the finished result if it has one."""
-    out.mkdir(parents=True, exist_ok=True)
+FLOPS_TOLERANCE = 0.02  # measured inference FLOPs may exceed (adaptive) or differ from (fixed) the analytic count
+
+
+def flops_warning(result: dict[str, Any], adaptive: bool) -> str | None:
+    """A one-line warning when measured inference FLOPs per token disagree with the method's analytic count:
+    above its maximum by more than 2% (adaptive), or off by more than 2% either way (fixed compute)."""
+    measured, analytic = result.get("infer_flops_per_token"), result.get("infer_flops_per_token_analytic_max")
+    if not measured or not analytic:
+        return None
+    ratio = measured / analytic
+    if ratio <= 1 + FLOPS_TOLERANCE and (adaptive or ratio >= 1 - FLOPS_TOLERANCE):
+        return None
+    kind = "above its analytic maximum" if adaptive else "off its analytic count"
+    return (f"{result.get('method')}: measured inference {measured:.4g} FLOPs/token is {(ratio - 1) * 100:+.1f}% "
+            f"{kind} {analytic:.4g}; analytic_flops_per_token (or decode_flops) misses work that decode does, "
+            f"so compute-matched comparisons are off: run `python -m harness check {result.get('method')}`")
+
+
+def _job_differences(previous: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``field: old -> new`` for every (nested) field in which two job descriptions differ."""
+    out = []
+    for key in sorted(set(previous) | set(current), key=str):
+        old, new = previous.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += _job_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return out
+
+
+def _checkpoint_finished(ckpt_dir: pathlib.Path) -> bool:
+    """The checkpoint holds the last step of the job (step == total_steps)."""
+    if not (ckpt_dir / "state.json").exists():
+        return False
+    state = checkpoint.load_state(ckpt_dir)
+    return state.get("total_steps") is not None and int(state.get("step", -1)) == int(state["total_steps"])
+
+
+def _finished_result(job: Job, out: pathlib.Path, force: bool) -> dict[str, Any] | None:
+    """Without writing anything: the finished result of ``job`` in ``out``, None if there is none to return,
+    a ConfigError naming the differing fields if ``out`` holds another job.
+
+    A job is finished when its checkpoint holds its last step and result.json its full record; a
+    result.json beside an unfinished checkpoint (an older ``harness eval``) does not count.
+    """
+    if force or not out.is_dir():
+        return None  # a file in the way fails in make_folder, with its own message
     job_file = out / "job.json"
+    if not job_file.exists():
+        return None
+    previous = read_json(job_file, "job description")
+    current = json.loads(json.dumps(job.to_dict(), default=str))
+    if previous != current:
+        differences = _job_differences(previous, current) if isinstance(previous, dict) else ["job.json"]
+        shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+        raise ConfigError(f"{out} holds a different job ({shown}); use another --out, repeat the earlier "
+                          "arguments to resume it, or pass --force to start over")
+    result_file = out / "result.json"
+    if not (result_file.exists() and _checkpoint_finished(out / "checkpoint")):
+        return None
+    result = read_json(result_file, "result")
+    return result if result.get("method") is not None and "train_flops" in result else None
+
+
+def _claim_folder(job: Job, out: pathlib.Path, force: bool) -> dict[str, Any]:
+    """Make ``out`` the folder of ``job`` (wiped first with ``force``); the result.json it held, or {}."""
+    make_folder(out, "job folder")
     if force:
         for stale in ("checkpoint", "result.json", "metrics.jsonl", "tokens.npz"):
             path = out / stale
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    elif job_file.exists():
-        previous = read_json(job_file, "job description")
-        if previous != json.loads(json.dumps(job.to_dict(), default=str)):
-            raise ConfigError(f"{out} holds a different job ({previous.get('method')}, budget "
-                              f"{previous.get('budget'):g}); use another --out or pass --force to start over")
-        result_file = out / "result.json"
-        if result_file.exists():
-            return read_json(result_file, "result")
-    write_json_atomic(job_file, job.to_dict())
-    return None
+    write_json_atomic(out / "job.json", job.to_dict())
+    result_file = out / "result.json"
+    try:
+        return read_json(result_file, "result") if result_file.exists() else {}
+    except CheckpointError:
+        return {}
 
 
 def _total_steps(job: Job, flops_per_token: float, train_tokens: int) -> int:

@@ -38,6 +38,8 @@ LAYERS: dict[str, float] = {
     # 3: data and checkpoints
     "harness.data.*": 3,
     "harness.checkpoint": 3,
+    # 3.5: Hugging Face Llama checkpoints in and out (reads the registry; a job's make_model uses it)
+    "harness.hf": 3.5,
     # 4: a job: config, model, corpus and checkpoint together
     "harness.job": 4,
     # 5: evaluation; inside lmeval, tasks < model < runner
@@ -52,6 +54,7 @@ LAYERS: dict[str, float] = {
     "harness.plan.*": 7,
     "harness.results": 7,
     "harness.analyze": 7,
+    "harness.check": 7,  # the plugin contract's checks (python -m harness check), shipped for plugin authors
     # 8: reports, the benchmark, claims (studies are plans: harness.plan.study)
     "harness.report": 8,
     "harness.bench.*": 8,  # the package harness/bench/

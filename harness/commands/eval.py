@@ -6,6 +6,8 @@ import argparse
 import json
 import pathlib
 
+from harness import checkpoint
+from harness.core.errors import CheckpointError
 from harness.core.io import read_json, write_json_atomic
 from harness.evaluate import evaluate_model
 from harness.job import load_job, resolve_device
@@ -22,16 +24,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
+def finished_result(folder: pathlib.Path) -> dict:
+    """The full result of a job that finished training; a CheckpointError otherwise.
+
+    eval only updates what training wrote: it never writes a result.json that a finished job would not
+    have (no method, size, budget, training FLOPs).
+    """
+    if not folder.is_dir():
+        raise CheckpointError(f"job folder not found: {folder}")
+    state = checkpoint.load_state(folder / "checkpoint") if (folder / "checkpoint").is_dir() else None
+    again = "run the same `python -m harness train` command again to finish it (it evaluates too)"
+    if state is None or int(state.get("step", -1)) != int(state.get("total_steps", -2)):
+        done = "no checkpoint" if state is None else f"step {state.get('step')} of {state.get('total_steps')}"
+        raise CheckpointError(f"{folder} has not finished training ({done}); {again}")
+    result_path = folder / "result.json"
+    result = read_json(result_path, "result") if result_path.exists() else {}
+    if result.get("method") is None or "train_flops" not in result:
+        raise CheckpointError(f"{folder} finished training but has no full result.json (stopped while "
+                              f"evaluating?); {again}")
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     folder = pathlib.Path(args.folder)
     tasks = [t for t in args.tasks.split(",") if t]
     if tasks:  # a typo in a task name fails now, not after the perplexity pass
         resolve_tasks(tasks)
+    finished_result(folder)  # an unfinished job fails now, before the perplexity pass
     job, model, corpus = load_job(folder)
     device = resolve_device(job.train.device)
     model.to(device)
     result_path = folder / "result.json"
-    result = read_json(result_path, "result") if result_path.exists() else {}
+    result = finished_result(folder)
     result.update(evaluate_model(model, corpus, job.train, device, records_path=folder / "tokens.npz",
                                  progress=not args.no_progress))
     if tasks:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from harness.commands.table import warn_skipped
+from harness.core.io import make_folder
 from harness.report import make_plots
 
 
@@ -13,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out:
+        make_folder(args.out, "--out")
     for path in make_plots(args.folder, args.out):
         print(f"wrote {path}")
+    warn_skipped(args.folder)
     return 0

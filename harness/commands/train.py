@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from harness import hf
 from harness.core import registry
 from harness.core.config import dataclass_from
+from harness.core.errors import ConfigError
 from harness.data import DataConfig
 from harness.job import Job, TrainConfig, parse_overrides
+from harness.plan import CONFIRM_HOURS, SCALES, detect_hardware
 from harness.train import train_job
 
 
@@ -20,21 +24,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model field (d_model=96), train.FIELD or data.FIELD; repeatable")
+    parser.add_argument("--init-from", default="", metavar="PATH",
+                        help="start from a Hugging Face Llama checkpoint: a folder with config.json and *.safetensors, "
+                             "or hf:<name>; its config sets the shape (--size is ignored) and its tokenizer.json "
+                             "the tokenizer")
     parser.add_argument("--force", action="store_true", help="start over even if OUT holds another job")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--yes", action="store_true", help="train even if the budget exceeds this hardware")
 
 
 def job_from_args(args: argparse.Namespace) -> Job:
     model, train, data = parse_overrides(args.overrides)
+    init_from = ""
+    if getattr(args, "init_from", ""):
+        init_from = hf.normalise(args.init_from)
+        if "tokenizer" not in data:  # the checkpoint's tokenizer: the data is re-tokenised with it
+            data["tokenizer"] = hf.tokenizer_for(init_from)
     return Job(method=args.method, budget=args.budget, size=args.size, seed=args.seed, model=model,
-               train=dataclass_from(TrainConfig, train), data=dataclass_from(DataConfig, data))
+               train=dataclass_from(TrainConfig, train), data=dataclass_from(DataConfig, data), init_from=init_from)
 
 
 def run(args: argparse.Namespace) -> int:
     job = job_from_args(args)
-    registry.get(job.method).make_config(job.size, job.model)  # validate before loading data
+    plugin = registry.get(job.method)
+    if job.init_from:  # validate before loading data
+        hf.model_config(plugin, job.init_from, job.model)
+    else:
+        plugin.make_config(job.size, job.model)
+    check_feasible(job, args.yes)
     result = train_job(job, args.out, progress=not args.no_progress, force=args.force)
+    if result.get("flops_warning"):
+        print(f"warning: {result['flops_warning']}", file=sys.stderr)
     keys = ("method", "size", "params", "train_tokens", "train_flops", "val_loss", "val_ppl",
             "infer_flops_per_token", "wall_seconds")
     print(json.dumps({k: result.get(k) for k in keys}, indent=2))
     return 0
+
+
+SURE_RATE = 1e8  # training FLOP/s that any machine reaches: budgets done within CONFIRM_HOURS at it skip the probe
+
+
+def check_feasible(job: Job, yes: bool) -> None:
+    """Stop (ConfigError, before anything is written) when the budget needs more than CONFIRM_HOURS here.
+
+    The rate is the plan's (harness.plan.hardware.detect_hardware: a measured matmul rate x an assumed
+    utilisation), optimistic for small models: the estimate errs towards starting.
+    """
+    if yes or job.budget <= CONFIRM_HOURS * 3600 * SURE_RATE:
+        return
+    hardware = detect_hardware(SCALES["pythia"], job.train, 50304, workers=1)
+    hours = job.budget / hardware.flops_per_second / 3600
+    if hours > CONFIRM_HOURS:
+        raise ConfigError(f"--budget {job.budget:.3g} FLOPs needs ~{hours:,.3g} h of training on this hardware "
+                          f"(at most {hardware.flops_per_second:.3g} FLOP/s: {hardware.basis}); lower --budget, "
+                          "or pass --yes to train anyway")

@@ -7,6 +7,7 @@ process killed mid-write leaves the old file or the new one, never a torn one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pathlib
@@ -14,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from harness.core.errors import CheckpointError
+from harness.core.errors import CheckpointError, ConfigError
 
 try:
     import fcntl
@@ -61,6 +62,52 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
                               "delete it to start that job again") from None
 
 
+def make_folder(path: str | os.PathLike, what: str = "folder") -> pathlib.Path | None:
+    """Create folder ``path`` (and its parents); the top-most folder created (None if it existed).
+
+    Raises :class:`~harness.core.errors.ConfigError` with one line that says why it cannot be created
+    (a file in the way, no permission, a read-only or virtual file system) instead of an OSError.
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        return None
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    top = path if ancestor == path else next(p for p in [path, *path.parents] if p.parent == ancestor)
+    if ancestor == path or not ancestor.is_dir():
+        raise ConfigError(f"{what} {path} cannot be created: {ancestor} is a file, not a folder; "
+                          "choose another path or move the file away")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            why = f"no permission to write in {ancestor}"
+        elif exc.errno == errno.EROFS:
+            why = f"{ancestor} is on a read-only file system"
+        elif exc.errno in (errno.ENOENT, errno.ENOTDIR) and ancestor.exists():
+            why = f"{ancestor} does not accept new folders (a virtual or special file system)"
+        else:
+            why = f"{ancestor} refused it"
+        raise ConfigError(f"{what} {path} cannot be created: {why} ({exc.strerror}); choose another path") from None
+    return top
+
+
+def remove_if_empty(top: pathlib.Path | None, path: str | os.PathLike) -> None:
+    """Undo :func:`make_folder`: remove ``path`` and its parents up to ``top`` while they are empty."""
+    if top is None:
+        return
+    current = pathlib.Path(path)
+    while True:
+        try:
+            current.rmdir()
+        except OSError:
+            return
+        if current == top:
+            return
+        current = current.parent
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive inter-process lock on ``path`` (created if missing).
@@ -80,4 +127,4 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
 
 
-__all__ = ["file_lock", "read_json", "write_bytes_atomic", "write_json_atomic"]
+__all__ = ["file_lock", "make_folder", "read_json", "remove_if_empty", "write_bytes_atomic", "write_json_atomic"]

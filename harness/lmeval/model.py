@@ -63,6 +63,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval's built-in models: its registry loads them only while empty)
 import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM

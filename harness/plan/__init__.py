@@ -43,9 +43,9 @@ Decisions (each is printed with the plan):
 """
 
 from harness.plan import study
-from harness.plan.hardware import GPU_TABLE, Hardware, detect_hardware
+from harness.plan.hardware import CONFIRM_HOURS, GPU_TABLE, Hardware, detect_hardware
 from harness.plan.ladder import SCALES, Counts, Scale, count, scale_of
 from harness.plan.planning import MATCH_MODES, Arm, Plan, PlannedJob, PlanRequest, format_plan, make_plan
 
-__all__ = ["GPU_TABLE", "MATCH_MODES", "SCALES", "Arm", "Counts", "Hardware", "Plan", "PlanRequest", "PlannedJob",
-           "Scale", "count", "detect_hardware", "format_plan", "make_plan", "scale_of", "study"]
+__all__ = ["CONFIRM_HOURS", "GPU_TABLE", "MATCH_MODES", "SCALES", "Arm", "Counts", "Hardware", "Plan", "PlanRequest",
+           "PlannedJob", "Scale", "count", "detect_hardware", "format_plan", "make_plan", "scale_of", "study"]

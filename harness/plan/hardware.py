@@ -16,6 +16,10 @@ from harness.job import TrainConfig
 from harness.plan.ladder import REFERENCE_METHOD, Scale
 from harness.train import build_optimizer
 
+# A plan (sweep) or a single job (train) estimated to need longer than this on the hardware found asks
+# for --yes before it starts.
+CONFIRM_HOURS = 24.0
+
 # Peak dense bf16 tensor FLOP/s (vendor data sheets, no sparsity) and memory per device.
 GPU_TABLE: dict[str, tuple[float, float]] = {
     "a100": (312e12, 80e9), "a100-40gb": (312e12, 40e9), "h100": (989e12, 80e9), "h100-pcie": (756e12, 80e9),
