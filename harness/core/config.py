@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from harness.core.errors import ConfigError
+from harness.core.errors import ConfigError, HarnessError
 
 
 @dataclass(frozen=True)
@@ -156,10 +156,14 @@ def dataclass_from(cls: type, values: dict[str, Any]) -> Any:
     return cls(**{k: coerce(cls, k, hints[k], v) for k, v in values.items()})
 
 
-def require(cfg: Any, name: str, ok: bool, message: str) -> None:
-    """Validation helper for config ``__post_init__``: raise ConfigError naming the field unless ok."""
+def require(cfg: Any, name: str, ok: bool, message: str, error: type[HarnessError] = ConfigError) -> None:
+    """The one validation idiom of every config ``__post_init__``: raise ``error`` naming the field unless ok.
+
+    ``error`` says where the problem lies (DataConfig raises DataError); the message is always
+    ``Class.field=value: what would be valid``.
+    """
     if not ok:
-        raise ConfigError(f"{type(cfg).__name__}.{name}={getattr(cfg, name)!r}: {message}")
+        raise error(f"{type(cfg).__name__}.{name}={getattr(cfg, name)!r}: {message}")
 
 
 def _type_name(tp: Any) -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from harness.core.config import CPU_VOCAB_SIZE
+from harness.core.config import CPU_VOCAB_SIZE, require
 from harness.core.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -43,38 +44,28 @@ class DataConfig:
     val_source: str = ""
 
     def __post_init__(self) -> None:
-        if isinstance(self.source, os.PathLike):
-            self.source = os.fspath(self.source)
-        if isinstance(self.val_source, os.PathLike):
-            self.val_source = os.fspath(self.val_source)
-        if not isinstance(self.val_source, str):
-            raise DataError(f"DataConfig.val_source={self.val_source!r} is invalid: give '' (hold out val_fraction "
-                            "of source) or a source in the same forms as DataConfig.source")
-        if isinstance(self.tokenizer, os.PathLike):
-            self.tokenizer = os.fspath(self.tokenizer)
-        if not isinstance(self.source, str) or not self.source.strip():
-            raise DataError(f"DataConfig.source={self.source!r} is invalid: give 'embedded', a path to a "
-                            ".txt/.jsonl/.parquet file or directory, or 'hf:<dataset>'")
-        if not isinstance(self.text_field, str) or not self.text_field:
-            raise DataError(f"DataConfig.text_field={self.text_field!r} is invalid: give the name of the "
-                            "field/column that holds the text (default 'text')")
-        if not isinstance(self.tokenizer, str) or not self.tokenizer.strip():
-            raise DataError(f"DataConfig.tokenizer={self.tokenizer!r} is invalid: give 'bpe', a path to a "
-                            "tokenizer.json or a hub tokenizer name")
+        for name in ("source", "val_source", "tokenizer"):  # paths may come as os.PathLike
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        check = functools.partial(require, self, error=DataError)
+        check("source", isinstance(self.source, str) and bool(self.source.strip()),
+              "give 'embedded', a path to a .txt/.jsonl/.parquet file or directory, or 'hf:<dataset>'")
+        check("val_source", isinstance(self.val_source, str),
+              "give '' (hold out val_fraction of source) or a source in the same forms as DataConfig.source")
+        check("text_field", isinstance(self.text_field, str) and bool(self.text_field),
+              "give the name of the field/column that holds the text (default 'text')")
+        check("tokenizer", isinstance(self.tokenizer, str) and bool(self.tokenizer.strip()),
+              "give 'bpe', a path to a tokenizer.json or a hub tokenizer name")
         minimum = 256 + len(SPECIAL_TOKENS)
-        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, (int, np.integer)):
-            raise DataError(f"DataConfig.vocab_size={self.vocab_size!r} is not an integer: give an integer "
-                            f">= {minimum}, e.g. 8192")
+        check("vocab_size", isinstance(self.vocab_size, (int, np.integer)) and not isinstance(self.vocab_size, bool),
+              f"not an integer: give an integer >= {minimum}, e.g. {CPU_VOCAB_SIZE}")
         self.vocab_size = int(self.vocab_size)
-        if self.vocab_size < minimum:
-            raise DataError(f"DataConfig.vocab_size={self.vocab_size} is too small: a byte-level BPE needs at "
-                            f"least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} special token); use e.g. 8192")
-        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float, np.floating)):
-            raise DataError(f"DataConfig.val_fraction={self.val_fraction!r} is not a number: give a fraction "
-                            "in (0, 0.5], e.g. 0.02")
+        check("vocab_size", self.vocab_size >= minimum, f"too small: a byte-level BPE needs at least {minimum} "
+              f"(256 bytes + {len(SPECIAL_TOKENS)} special token); use e.g. {CPU_VOCAB_SIZE}")
+        check("val_fraction", isinstance(self.val_fraction, (int, float, np.floating))
+              and not isinstance(self.val_fraction, bool), "not a number: give a fraction in (0, 0.5], e.g. 0.02")
         self.val_fraction = float(self.val_fraction)
-        if not (0.0 < self.val_fraction <= 0.5) or not math.isfinite(self.val_fraction):
-            raise DataError(f"DataConfig.val_fraction={self.val_fraction} is out of range: it must be in "
-                            "(0, 0.5], e.g. 0.02")
+        check("val_fraction", 0.0 < self.val_fraction <= 0.5 and math.isfinite(self.val_fraction),
+              "out of range: it must be in (0, 0.5], e.g. 0.02")
 
 
