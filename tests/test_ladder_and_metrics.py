@@ -60,3 +60,4 @@ def test_token_bytes_of_a_word_level_tokenizer_count_each_tokens_decoding():
     tok = Tokenizer(hf)
     sizes = tok.token_bytes()
     assert sizes[0] == 5 and sizes[1] == len("wörld".encode()) and sizes[tok.eos_id] == 0
+
