@@ -41,7 +41,7 @@ from harness import checkpoint, report
 from harness import plan as planning
 from harness.analyze import analyze
 from harness.core.errors import CheckpointError, HarnessError, SweepError
-from harness.core.io import file_lock, write_bytes_atomic, write_json_atomic
+from harness.core.io import file_lock, make_folder, write_bytes_atomic, write_json_atomic
 from harness.data import load_corpus
 from harness.job import Job
 from harness.lmeval.runner import evaluate_downstream
@@ -321,7 +321,7 @@ def sweep(request: planning.PlanRequest, options: SweepOptions) -> SweepOutcome:
             if vocab is not None and vocab != plan.vocab_size:  # count with the tokenizer's real size
                 plan = planning.make_plan(dataclasses.replace(request, vocab_size=vocab), plan.hardware)
                 outcome.plan = plan
-        store.root.mkdir(parents=True, exist_ok=True)
+        make_folder(store.root, "--out")  # after the confirmation: a sweep that stops leaves nothing behind
         write_json_atomic(store.root / PLAN_FILE, plan.to_dict())
         if options.study_text is not None:
             write_bytes_atomic(store.root / STUDY_COPY, options.study_text.encode("utf-8"))

@@ -106,6 +106,16 @@ def test_out_pointing_at_a_file_is_one_line(tmp_path, small_corpus, capsys):
     assert existing.read_text() == "keep me"
 
 
+def test_sweep_out_pointing_at_a_file_is_one_line(tmp_path, small_corpus, capsys):
+    existing = tmp_path / "runs.txt"
+    existing.write_text("keep me")
+    argv = ["sweep", *_train_args(small_corpus, existing)[3:], "--yes"]  # without --method vanilla
+    argv.remove("--size")
+    argv.remove("pico")
+    line = _one_line_error(capsys, [*argv, "--methods", "vanilla", "--sizes", "pico"])
+    assert f"{existing} is a file, not a folder" in line and existing.read_text() == "keep me"
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
 def test_out_that_cannot_be_created_says_why(small_corpus, capsys):
     line = _one_line_error(capsys, _train_args(small_corpus, "/proc/harness-x"))

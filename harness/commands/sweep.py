@@ -14,7 +14,6 @@ import os
 
 from harness.commands.plan import add_request_arguments, csv_list, request_from_args
 from harness.core.errors import SweepError
-from harness.core.io import make_folder
 from harness.plan import study
 from harness.results import ResultsStore
 from harness.sweep import DEFAULT_RETRIES, DEFAULT_STUDY, SweepOptions, sweep
@@ -61,8 +60,6 @@ def run(args: argparse.Namespace) -> int:
         out=out, address=args.address, cpus=args.cpus, cpus_per_job=args.cpus_per_job, retries=args.retries,
         tasks=tasks, num_fewshot=num_fewshot, task_limit=task_limit, dry_run=args.dry_run, yes=args.yes,
         progress=not args.no_progress, verbose=args.verbose, study_text=loaded.text if loaded else None)
-    if not options.dry_run:
-        make_folder(out, "--out")  # a file in the way or an unwritable place: one line now
     outcome = sweep(request, options)
     if options.dry_run:
         return 0
