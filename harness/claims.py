@@ -318,11 +318,9 @@ def claim_c5(arms: list[Arm]) -> Verdict:
 CLAIMS: tuple[Callable[[list[Arm]], Verdict], ...] = (claim_c1, claim_c2, claim_c3, claim_c4, claim_c5)
 
 
-def test_claims(arms: list[Arm]) -> list[Verdict]:
+def evaluate_claims(arms: list[Arm]) -> list[Verdict]:
     return [claim(arms) for claim in CLAIMS]
 
-
-test_claims.__test__ = False  # a library function, not a pytest test
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -362,9 +360,9 @@ def write_claims(folder: str | pathlib.Path) -> pathlib.Path:
     folder = pathlib.Path(folder)
     arms = load_arms(folder)
     path = folder / CLAIMS_FILE
-    write_bytes_atomic(path, markdown(arms, test_claims(arms), folder.name).encode("utf-8"))
+    write_bytes_atomic(path, markdown(arms, evaluate_claims(arms), folder.resolve().name).encode("utf-8"))
     return path
 
 
 __all__ = ["CLAIMS", "CLAIMS_FILE", "Arm", "Verdict", "arms_of", "below", "combine", "load_arms", "markdown",
-           "test_claims", "write_claims"]
+           "evaluate_claims", "write_claims"]

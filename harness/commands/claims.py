@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 
-from harness.claims import load_arms, markdown, test_claims, write_claims
+from harness.claims import evaluate_claims, load_arms, markdown, write_claims
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,8 +14,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    arms = load_arms(args.folder)
-    print(markdown(arms, test_claims(arms), args.folder.rstrip("/").split("/")[-1]), end="")
-    if not args.no_write:
-        print(f"wrote {write_claims(args.folder)}")
+    if args.no_write:
+        arms = load_arms(args.folder)
+        print(markdown(arms, evaluate_claims(arms), pathlib.Path(args.folder).resolve().name), end="")
+    else:
+        path = write_claims(args.folder)
+        print(path.read_text(encoding="utf-8"), end="")
+        print(f"wrote {path}")
     return 0

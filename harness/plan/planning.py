@@ -465,8 +465,8 @@ class _Planner:
         if self.scale.name == "pythia" and "embedded" in sources:
             self.notes.append("data: the embedded corpus holds ~3.7M training tokens; Pythia-scale jobs need a real "
                               "corpus (--set data.source=hf:<dataset> or a folder of .jsonl/.parquet)")
-        hub = sorted(hub_sources(jobs[0].job.data) if len({json_key(j.job.data) for j in jobs}) == 1
-                     else {name for j in jobs for name in hub_sources(j.job.data)})
+        hub = sorted({name for data in {_data_key(j.job.data): j.job.data for j in jobs}.values()
+                      for name in hub_sources(data)})
         if hub:
             self.notes.append("needs the hub (or a local cache) for: " + ", ".join(hub))
         self.notes.append("hours count training only; evaluation (perplexity by deployed decoding, downstream "
@@ -482,7 +482,7 @@ def hub_sources(data: DataConfig) -> set[str]:
     return needs
 
 
-def json_key(data: DataConfig) -> str:
+def _data_key(data: DataConfig) -> str:
     return repr(sorted(dataclasses.asdict(data).items()))
 
 
