@@ -16,12 +16,19 @@ How it runs (docs/design.md, "Running and scale"):
   once; anything else (a crashed or killed worker, an unexpected exception) is retried by Ray
   (``--retries``, resuming from the checkpoint) and then recorded as failed with its one-line message.
   The sweep goes on either way and exits with status 1 if a job failed.
+* Failures of Ray itself (a dead raylet or node, a lost object: :data:`RAY_FAULTS`; a crashed worker
+  only when a node died with it) are not the job's: they use none of its retries. The sweep backs off,
+  restarts the local Ray instance (or joins the cluster again) and resubmits the jobs, which resume
+  from their checkpoints; after :data:`MAX_OUTAGES` restarts in a row with no job finished in between
+  it records them as failed. (A local instance always starts the dashboard agent, even with
+  ``include_dashboard=False`` or a minimal ``ray`` install, and its raylet dies with it.)
 * Running the same command again skips jobs already recorded "ok" and resumes interrupted ones.
 * At the end it writes the plots and tables of :mod:`harness.report` into ``OUT``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -334,7 +341,7 @@ def sweep(request: planning.PlanRequest, options: SweepOptions) -> SweepOutcome:
         if todo:
             if not we_started:
                 we_started = _start_ray(options)
-            _run_jobs(todo, store, options, outcome, say)
+            we_started = _run_jobs(todo, store, options, outcome, say) or we_started
     except KeyboardInterrupt:
         say(f"interrupted: finished jobs are in {store.path}; rerun the same command to resume the others")
         raise
@@ -358,42 +365,116 @@ def _probe_hardware(request: planning.PlanRequest) -> planning.Hardware:
     return planning.detect_hardware(scale, train, scale.vocab_size, mfu=request.mfu)
 
 
+# Ray's own failures: the job did nothing wrong, so they must not use up its --retries (a dead raylet
+# fails every running and queued task within a second, each retry included). A crashed worker is the
+# job's failure (an OOM kill, a segfault) unless the cluster lost a node at the same time.
+RAY_FAULTS = ("LocalRayletDiedError", "NodeDiedError", "RaySystemError", "ObjectLostError", "RpcError")
+MAX_OUTAGES = 5  # Ray restarts in a row without a job finishing in between, before the jobs are failed
+OUTAGE_BACKOFF = 2.0  # seconds before the first restart; doubled for each further one in a row
+
+
+def _alive_nodes() -> set[str] | None:
+    try:
+        return {n["NodeID"] for n in _ray().nodes() if n.get("Alive")}
+    except Exception:  # the GCS itself is gone
+        return None
+
+
+def _is_ray_fault(exc: BaseException, nodes: set[str] | None) -> bool:
+    """True for a failure of Ray (a dead raylet or node, a lost object), False for the job's own."""
+    ray = _ray()
+    if isinstance(exc, ray.exceptions.RayTaskError):  # raised by the job's code
+        return False
+    faults = tuple(getattr(ray.exceptions, name) for name in RAY_FAULTS if hasattr(ray.exceptions, name))
+    if isinstance(exc, faults):
+        return True
+    if isinstance(exc, ray.exceptions.WorkerCrashedError):
+        alive = _alive_nodes()
+        return alive is None or (nodes is not None and not nodes <= alive)
+    return False
+
+
+def _restart_ray(options: SweepOptions, outages: int) -> None:
+    """Back off, then start the local instance afresh (or join the cluster again)."""
+    with contextlib.suppress(Exception):  # already half gone
+        _ray().shutdown()
+    time.sleep(OUTAGE_BACKOFF * 2 ** (outages - 1))
+    _start_ray(options)
+
+
 def _run_jobs(todo: list[planning.PlannedJob], store: ResultsStore, options: SweepOptions, outcome: SweepOutcome,
-              say) -> None:
+              say) -> bool:
+    """Run the jobs, restarting Ray after its own failures; True if this restarted (and so owns) Ray."""
+    token = uuid.uuid4().hex
+    bar = tqdm(total=len(todo), desc="sweep", unit="job", dynamic_ncols=True, disable=not options.progress,
+               file=sys.stderr)
+    queue, outages, restarted = list(todo), 0, False
+    try:
+        while queue:
+            done_before = outcome.ran
+            lost, fault = _run_round(queue, store, options, outcome, say, token, bar)
+            if not lost:
+                break
+            outages = 1 if outcome.ran > done_before else outages + 1
+            if outages > MAX_OUTAGES:
+                for planned in lost:
+                    _collect(failed_record(planned.job, f"Ray failed {MAX_OUTAGES} times in a row: {fault}"),
+                             store, outcome, bar)
+                break
+            say(f"Ray failed ({fault}); restarting it and resuming {len(lost)} job(s) from their checkpoints "
+                "(this does not count against --retries)")
+            _restart_ray(options, outages)
+            queue, restarted = lost, True
+    finally:
+        bar.close()
+    return restarted
+
+
+def _collect(record: dict[str, Any], store: ResultsStore, outcome: SweepOutcome, bar) -> None:
+    store.append(record)  # the worker appended ok records already: this is then a no-op
+    outcome.ran += 1
+    if record.get("status") == OK:
+        outcome.ok += 1
+    else:
+        outcome.failed += 1
+    bar.write(_describe(record), file=sys.stderr)
+    bar.update(1)
+
+
+def _run_round(queue: list[planning.PlannedJob], store: ResultsStore, options: SweepOptions, outcome: SweepOutcome,
+               say, token: str, bar) -> tuple[list[planning.PlannedJob], str]:
+    """Submit the queue and collect it; return the jobs lost to a failure of Ray, and its message."""
     ray = _ray()
     gpus, slots = _cluster_slots(options)
-    token = uuid.uuid4().hex
+    nodes = _alive_nodes()
     task = ray.remote(execute_job).options(
         num_cpus=options.cpus_per_job, num_gpus=1 if gpus else 0, max_retries=options.retries,
         retry_exceptions=True)
-    say(f"running {len(todo)} job(s) on Ray: {slots} at once ({'1 GPU' if gpus else f'{options.cpus_per_job} CPU'} "
+    say(f"running {len(queue)} job(s) on Ray: {slots} at once ({'1 GPU' if gpus else f'{options.cpus_per_job} CPU'} "
         f"per job); results -> {store.path}")
     root = str(store.root.resolve())  # workers may run elsewhere (a cluster's working_dir): no relative paths
     pending = {task.remote(j.job.to_dict(), root, token, options.tasks, options.num_fewshot,
-                           options.task_limit, options.cpus_per_job): j for j in todo}
-    bar = tqdm(total=len(todo), desc="sweep", unit="job", dynamic_ncols=True, disable=not options.progress,
-               file=sys.stderr)
-    shown = None
-    try:
-        while pending:
+                           options.task_limit, options.cpus_per_job): j for j in queue}
+    lost: list[planning.PlannedJob] = []
+    fault, shown = "", None
+    while pending:
+        try:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
-            for ref in ready:
-                planned = pending.pop(ref)
-                try:
-                    record = ray.get(ref)
-                except ray.exceptions.RayError as exc:  # retries exhausted (crash, kill, unexpected error)
-                    record = failed_record(planned.job, _failure_message(exc), attempt=options.retries + 1)
-                store.append(record)  # the worker appended ok records already: this is then a no-op
-                outcome.ran += 1
-                if record.get("status") == OK:
-                    outcome.ok += 1
-                else:
-                    outcome.failed += 1
-                bar.write(_describe(record), file=sys.stderr)
-                bar.update(1)
-            counts = {"done": outcome.ok, "running": _running(pending, store, token), "failed": outcome.failed}
-            if counts != shown:  # redraw on change only: a log file gets one line per change, not per poll
-                bar.set_postfix(counts, refresh=True)
-                shown = counts
-    finally:
-        bar.close()
+        except ray.exceptions.RayError as exc:  # the driver lost its raylet or the GCS
+            return lost + list(pending.values()), one_line(exc)
+        for ref in ready:
+            planned = pending.pop(ref)
+            try:
+                record = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # retries exhausted (crash, kill, unexpected error)
+                if _is_ray_fault(exc, nodes):
+                    lost.append(planned)
+                    fault = _failure_message(exc)
+                    continue
+                record = failed_record(planned.job, _failure_message(exc), attempt=options.retries + 1)
+            _collect(record, store, outcome, bar)
+        counts = {"done": outcome.ok, "running": _running(pending, store, token), "failed": outcome.failed}
+        if counts != shown:  # redraw on change only: a log file gets one line per change, not per poll
+            bar.set_postfix(counts, refresh=True)
+            shown = counts
+    return lost, fault

@@ -5,6 +5,7 @@ pico rung on a small corpus with 32-token sequences, so each job trains in a few
 """
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -307,6 +308,65 @@ def test_sweep_killed_with_sigkill_loses_nothing_and_resumes(tmp_path, small_cor
     assert sorted(r["job_id"] for r in records) == sorted(j.job_id for j in outcome.plan.jobs)
     resumed = next(r for r in records if r["job_id"] == interrupted)
     assert resumed["resumed_from_step"] >= 5
+
+
+def _child(parent, name):
+    """Pid of a live child process of ``parent`` whose name starts with ``name``, or None."""
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(stat) as handle:
+                text = handle.read()
+            comm, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+            if comm.startswith(name) and int(fields[1]) == parent and fields[0] != "Z":
+                return int(stat.split("/")[2])
+    return None
+
+
+def test_dead_raylet_costs_no_retries_and_every_job_resumes(tmp_path, small_corpus, capsys):
+    """Killing the local Ray's dashboard agent takes its raylet down (they share fate, and the agent
+    starts even without the dashboard) and fails the tasks with LocalRayletDiedError; the sweep restarts
+    Ray and resumes the jobs instead of recording them failed."""
+    import ray
+
+    if ray.is_initialized():  # this test kills the instance: the sweep must start (and own) its own
+        ray.shutdown()
+    out = tmp_path / "sweep"
+    request = _request(small_corpus, ["vanilla", "looped"], 9e9)
+    victim = {}
+
+    def kill_raylet_mid_job():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            raylet = _child(os.getpid(), "raylet")
+            agent = raylet and _child(raylet, "ray::Dashboard")
+            running = {f.name: _job_state(f)[1] for f in (out / "jobs").glob("*")
+                       if (_job_state(f)[1] or 0) >= 5 and not (f / "result.json").exists()}
+            if agent and running:
+                os.kill(agent, signal.SIGKILL)
+                victim.update(raylet=raylet, steps=running)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_raylet_mid_job, daemon=True)
+    killer.start()
+    started = time.time()
+    # one CPU: the second job waits in Ray's queue when the raylet dies, and so is failed by Ray
+    outcome = sweep(request, SweepOptions(out=str(out), cpus=1, progress=True, reports=False, retries=1))
+    killer.join(5)
+    elapsed = time.time() - started
+    assert victim, "the jobs finished before the test could kill the raylet"
+    assert not _alive(victim["raylet"])  # the agent took it down
+    assert "restarting it and resuming" in capsys.readouterr().err
+    assert (outcome.ok, outcome.failed, outcome.skipped) == (2, 0, 0)
+    records = ResultsStore(out).records()
+    assert [r["status"] for r in records] == ["ok", "ok"]  # no failed rows, each job once
+    assert sorted(r["job_id"] for r in records) == sorted(j.job_id for j in outcome.plan.jobs)
+    for job_id, step in victim["steps"].items():
+        record = next(r for r in records if r["job_id"] == job_id)
+        if record["attempt"] > 1:  # run again after the restart: from its checkpoint, not step 0
+            assert record["resumed_from_step"] >= step, record
+    assert not ray.is_initialized()  # the sweep shut down the instance it restarted
+    assert elapsed < 120
 
 
 def test_third_party_plugin_is_swept_without_harness_changes(tmp_path, small_corpus):
