@@ -49,6 +49,7 @@ from harness.core.config import ModelConfig, coerce
 from harness.core.errors import CheckpointError, ConfigError
 from harness.core.io import read_json, write_json_atomic
 from harness.core.registry import Plugin
+from harness.data.config import EOS_CANDIDATES
 
 HUB_PREFIX = "hf:"
 HARNESS_KEY = "ponder_harness"  # config.json key holding the method and its config in an export
@@ -226,6 +227,17 @@ def hf_name(decoder_key: str) -> str:
     return decoder_key if decoder_key == "lm_head.weight" else f"model.{decoder_key}"
 
 
+def llama_config(cfg: ModelConfig, max_positions: int = 2048, **extra: Any):
+    """``transformers.LlamaConfig`` of the backbone ``cfg`` (untied head, plain RoPE, SDPA attention)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        rms_norm_eps=cfg.norm_eps, max_position_embeddings=max_positions, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, **extra)
+
+
 def load_into(model: torch.nn.Module, spec: str) -> dict[str, Any]:
     """Copy the checkpoint ``spec`` into ``model`` (any method; shaped by :func:`model_config`).
 
@@ -282,7 +294,6 @@ def export(model: torch.nn.Module, method: str, tokenizer_file: str | os.PathLik
            max_positions: int = 2048) -> pathlib.Path:
     """Write ``model`` (any method) as a Hugging Face Llama folder ``out`` (see the module docstring)."""
     from tokenizers import Tokenizer as _Tk
-    from transformers import LlamaConfig
 
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -302,18 +313,13 @@ def export(model: torch.nn.Module, method: str, tokenizer_file: str | os.PathLik
 
     shutil.copyfile(tokenizer_file, out / "tokenizer.json")
     tk = _Tk.from_file(str(out / "tokenizer.json"))
-    eos = next((t for t in ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>") if tk.token_to_id(t) is not None),
-               None)
+    eos = next((t for t in EOS_CANDIDATES if tk.token_to_id(t) is not None), None)
     bos = next((t for t in BOS_CANDIDATES if tk.token_to_id(t) is not None), None)
     eos_id = None if eos is None else tk.token_to_id(eos)
     bos_id = None if bos is None else tk.token_to_id(bos)
 
-    hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        rms_norm_eps=cfg.norm_eps, max_position_embeddings=max_positions, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        initializer_range=cfg.init_std, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    hf_cfg = llama_config(cfg, max_positions, initializer_range=cfg.init_std, bos_token_id=bos_id,
+                          eos_token_id=eos_id, pad_token_id=eos_id)
     config = hf_cfg.to_dict()
     config["architectures"] = ["LlamaForCausalLM"] if method == "vanilla" else [f"ponder_harness:{method}"]
     config["dtype"] = "float32"

@@ -9,25 +9,19 @@ import torch
 from harness.bench.common import TARGET_TRAIN_RATIO, BenchConfig, time_interleaved, train_step
 from harness.core import registry
 from harness.data import TokenizedCorpus, batch_at
+from harness.hf import hf_name, llama_config
 from models.base import next_token_loss
 
 
 def to_transformers_llama(decoder) -> torch.nn.Module:
     """``transformers.LlamaForCausalLM`` with the decoder's config and weights (SDPA attention)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = decoder.cfg
-    hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        rms_norm_eps=cfg.norm_eps, max_position_embeddings=8192, tie_word_embeddings=False,
-        attention_dropout=0.0, attn_implementation="sdpa",
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
-    hf = LlamaForCausalLM(hf_cfg)
-    # Parameter names mirror LLaMA's: converting is a prefix rename (rotary tables are not weights).
-    state = {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in decoder.state_dict().items()}
+    hf = LlamaForCausalLM(llama_config(decoder.cfg, max_positions=8192, attention_dropout=0.0,
+                                       attn_implementation="sdpa"))
+    state = {hf_name(k): v for k, v in decoder.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
-    if unexpected or any("rotary" not in m for m in missing):
+    if unexpected or any("rotary" not in m for m in missing):  # rotary tables are not weights
         raise RuntimeError(f"weights do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
     return hf
 
