@@ -3,9 +3,12 @@
     h^(0) = embed(x),   h^(k+1) = blocks(h^(k)) for k = 0..K,   logits = head(norm(h^(K+1)))
 
 The residual stream of one loop is the next loop's input unchanged: no norm in between (the final
-norm is applied once, after the last loop) and no re-injection of the input embedding. Decided here:
-the design describes plain looping, and anything added between loops (input injection, per-loop
-embeddings) would be extra parameters or compute that the other baselines do not get.
+norm is applied once, after the last loop) and no re-injection of the input embedding. This is the
+loop baseline of the PonderLM-2 repository (LUMIA-Group/PonderLM-2, ``modeling_llama_loop.py``:
+``LlamaModel.forward`` runs ``for repeat in range(num_latent_thoughts + 1): for decoder_layer in
+self.layers`` and then ``self.norm`` once; ``LlamaForCausalLM.forward`` scales the token embeddings by
+sqrt(2.5 d); ``scripts/train_loop_llama_*.sh`` pass ``--num_latent_thoughts 3``), so with the same
+weights it computes the same function.
 
 Compute: (K+1) x the block FLOPs of a vanilla model of the same shape, plus one head, at 1 x the
 parameters. Every loop attends causally over its own loop's keys, so cached decoding keeps one KV
@@ -31,7 +34,9 @@ from models.shared import constant_steps
 class LoopedConfig(ModelConfig):
     summary = "looped transformer: the block stack applied loops+1 times with shared weights"
 
-    loops: int = 1  # K extra applications of the whole stack; 0 = vanilla
+    # modeling_llama_loop.py scales token embeddings by sqrt(2.5 d) (PonderLM-2's rule, the backbone default)
+    embed_scale_rule: str = "sqrt(2.5d)"
+    loops: int = 3  # K extra applications of the whole stack (the reference scripts' 3); 0 = vanilla
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -41,10 +46,23 @@ class LoopedConfig(ModelConfig):
 
 @register("looped")
 class Looped(LanguageModel):
-    """Looped transformer: the L-block stack applied loops+1 times with shared weights, final norm once."""
+    """Looped transformer: the L-block stack applied loops+1 times with shared weights, final norm once.
+
+    ===============================  ====================================  ==============================
+    reference behaviour              here                                  why
+    ===============================  ====================================  ==============================
+    stack x (K+1), norm once         same                                  modeling_llama_loop.py
+    K = 3 (train_loop_llama_*.sh)    ``loops=3``                           the scripts' value
+    embeddings x sqrt(2.5 d)         ``embed_scale_rule="sqrt(2.5d)"``     its LlamaForCausalLM.forward
+    trunc. normal +-3 std init,      ``init_weight``; ``output_std``       its ``_init_weights``
+    out-proj / sqrt(2L)              (not / sqrt(2L(K+1)))
+    no KV cache in recurrent mode    one KV stack per loop                 same function, deployed cost
+    ===============================  ====================================  ==============================
+    """
 
     Config = LoopedConfig
-    test_variants = {"loops0": {"loops": 0}, "loops2": {"loops": 2}}
+    reference_weight_decay = 0.1  # PonderLM-2 repo, scripts/train_loop_llama_1_4b.sh (Table 3; its 410m one: 0.01)
+    test_variants = {"loops0": {"loops": 0}, "loops1": {"loops": 1}}
 
     def max_extra_steps(self) -> int:
         return self.config.loops

@@ -65,7 +65,8 @@ def cases(methods: Iterable[str] | None = None) -> list[Case]:
 def build(name: str, overrides: dict[str, Any] | None = None):
     """A tiny model of ``name`` in eval mode; routers and gates get random weights so decisions vary."""
     torch.manual_seed(0)
-    model = registry.build(name, overrides={**TINY, **(overrides or {})}).eval()
+    base = {**TINY, **registry.get(name).cls.test_base}
+    model = registry.build(name, overrides={**base, **(overrides or {})}).eval()
     with torch.no_grad():  # routers and gates start neutral; random weights make decisions vary
         for pname, p in model.named_parameters():
             if "router" in pname or "gate" in pname:

@@ -61,6 +61,8 @@ SHAPE_FIELDS: dict[str, str] = {
     "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
 }
 BACKBONE_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+#: backbone fields an export from the same method restores (they say how its own tensors are scaled at use)
+PARAMETRISATION_FIELDS = frozenset({"ponder_init", "embed_scale_rule", "init_std"})
 # files snapshot_download fetches for hf:<name> (no *.bin, *.pth, *.gguf, ...)
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.md"]
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")
@@ -156,14 +158,19 @@ def model_config(plugin: Plugin, spec: str, overrides: dict[str, Any],
 
     Defaults under the overrides: ``ponder_init=False`` and ``init_std`` = the checkpoint's
     ``initializer_range`` (see the module docstring), then the method fields saved by :func:`export`
-    when the folder was exported from the same method. ``vocab_size`` is the tokenizer's, which must fit.
+    when the folder was exported from the same method, with its ``ponder_init`` and ``embed_scale_rule``
+    (so the method's own tensors keep the scale they were trained under; the embedding is unfolded).
+    ``vocab_size`` is the tokenizer's, which must fit.
     """
     folder = resolve(spec)
     raw = read_config(folder)
     where = f"--init-from {spec} (config.json)"
     shape = backbone_shape(raw, where)
     saved = raw.get(HARNESS_KEY) or {}
-    method_fields = {k: v for k, v in (saved.get("config") or {}).items() if k not in BACKBONE_FIELDS} \
+    # A folder exported from the same method also restores its parametrisation: the method's own tensors
+    # (e.g. pause's vocabulary row) were trained under that embedding scale, which export does not fold.
+    method_fields = {k: v for k, v in (saved.get("config") or {}).items()
+                     if k not in BACKBONE_FIELDS or k in PARAMETRISATION_FIELDS} \
         if saved.get("method") == plugin.name else {}
     hints = typing.get_type_hints(plugin.config_class)
     for name, value in overrides.items():

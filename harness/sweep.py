@@ -8,6 +8,11 @@ How it runs (docs/design.md, "Running and scale"):
 * ``ray.init()`` starts a local instance with every CPU core unless ``--address``/``RAY_ADDRESS``
   names a cluster. A job takes one GPU when the cluster has GPUs, else ``--cpus-per-job`` CPUs (and as
   many torch threads). On a cluster, ``OUT`` must be on a filesystem every node sees.
+* ``--devices-per-job N`` (N > 1, or ``devices_per_job`` in a study) trains each job on N devices through
+  Ray Train (:mod:`harness.distributed`, ``--parallel ddp|fsdp``): the job's task then reserves nothing
+  itself (its trainer's N workers hold the GPUs, or ``--cpus-per-job`` CPUs each), at most as many such
+  tasks run at once as the cluster has room for, the trainer restarts crashed workers (``--retries``
+  times) and the downstream tasks run in a task of their own with one GPU. N changes no job's id.
 * Each Ray task calls :func:`harness.train.train_job` on ``OUT/jobs/<job_id>`` (which resumes from the
   job's checkpoint, or returns the result of a finished job), then the downstream tasks through
   :func:`harness.lmeval.runner.evaluate_downstream` when ``--tasks`` is given, and appends the record
@@ -31,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import pathlib
 import socket
@@ -47,9 +51,10 @@ from tqdm.auto import tqdm
 from harness import checkpoint, report
 from harness import plan as planning
 from harness.analyze import analyze
-from harness.core.errors import CheckpointError, HarnessError, SweepError
+from harness.core.errors import CheckpointError, ConfigError, HarnessError, SweepError
 from harness.core.io import file_lock, make_folder, write_bytes_atomic, write_json_atomic
 from harness.data import load_corpus
+from harness.distributed import PARALLEL, RunOptions, check_devices, ray_module, start_ray, train_distributed
 from harness.job import Job
 from harness.lmeval.runner import evaluate_downstream
 from harness.results import OK, PLAN_FILE, ResultsStore, failed_record, ok_record, one_line
@@ -70,6 +75,8 @@ class SweepOptions:
     address: str | None = None
     cpus: int | None = None  # CPUs of a local Ray instance (default: all cores)
     cpus_per_job: int = 1
+    devices_per_job: int = 1  # > 1: each job on that many devices through Ray Train (harness.distributed)
+    parallel: str = "ddp"  # ddp | fsdp, with devices_per_job > 1
     retries: int = DEFAULT_RETRIES
     tasks: list[str] = field(default_factory=list)
     num_fewshot: int = 0
@@ -80,6 +87,12 @@ class SweepOptions:
     reports: bool = True
     verbose: bool = False  # forward workers' logs to the driver
     study_text: str | None = None  # the study file's text, copied into the output folder
+
+    def __post_init__(self) -> None:
+        if self.devices_per_job < 1:
+            raise ConfigError(f"--devices-per-job {self.devices_per_job}: must be at least 1")
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"--parallel {self.parallel!r}: choose {' or '.join(PARALLEL)}")
 
 
 @dataclass
@@ -120,14 +133,20 @@ def _note_worker(folder: pathlib.Path, token: str) -> tuple[int, int | None]:
 
 
 def execute_job(job_dict: dict[str, Any], root: str, token: str, tasks: list[str], num_fewshot: int,
-                task_limit: int | None, threads: int) -> dict[str, Any]:
-    """Train (or resume, or reuse) one job, evaluate it downstream, append and return its record."""
+                task_limit: int | None, threads: int, devices: int = 1, parallel: str = "ddp",
+                retries: int = 0) -> dict[str, Any]:
+    """Train (or resume, or reuse) one job, evaluate it downstream, append and return its record.
+
+    ``devices`` > 1: the job trains through Ray Train on that many devices (``threads`` CPUs per CPU
+    worker, ``retries`` restarts of its worker group).
+    """
     torch.set_num_threads(max(1, threads))
     store = ResultsStore(root)
     job = Job.from_dict(job_dict)
     folder = store.job_dir(job.job_id())
+    run = RunOptions(devices, parallel, cpus_per_worker=threads, max_failures=retries) if devices > 1 else None
     with file_lock(folder / ".lock"):  # a killed sweep's worker may outlive its driver
-        return _execute_locked(job, folder, store, token, tasks, num_fewshot, task_limit)
+        return _execute_locked(job, folder, store, token, tasks, num_fewshot, task_limit, run)
 
 
 def token_analysis(folder: pathlib.Path) -> dict[str, Any]:
@@ -145,11 +164,14 @@ def token_analysis(folder: pathlib.Path) -> dict[str, Any]:
 
 
 def _execute_locked(job, folder: pathlib.Path, store: ResultsStore, token: str, tasks: list[str], num_fewshot: int,
-                    task_limit: int | None) -> dict[str, Any]:
+                    task_limit: int | None, run: RunOptions | None) -> dict[str, Any]:
     attempt, resumed_from = _note_worker(folder, token)
     extra = {"attempt": attempt, "resumed_from_step": resumed_from, "host": socket.gethostname()}
     try:
-        result = train_job(job, folder, progress=False)
+        if run is None:
+            result = train_job(job, folder, progress=False)
+        else:
+            result = train_distributed(job, folder, run, progress=False)
     except HarnessError as exc:
         record = failed_record(job, one_line(exc), **extra)
         store.append(record)
@@ -162,11 +184,8 @@ def _execute_locked(job, folder: pathlib.Path, store: ResultsStore, token: str, 
             extra["token_analysis_error"] = one_line(exc)
     missing = [t for t in tasks if t not in result.get("downstream", {})]
     if missing:
-        # lm-eval bootstraps standard errors in a fork()ed multiprocessing pool; fork() inside a Ray
-        # worker (threads, signal handlers) deadlocks, so its documented switch makes it run serially
-        os.environ["DISABLE_MULTIPROC"] = "1"
         try:
-            scores = evaluate_downstream(folder, missing, num_fewshot=num_fewshot, limit=task_limit, progress=False)
+            scores = _downstream(folder, missing, num_fewshot, task_limit, run)
             result.setdefault("downstream", {}).update(scores)
             result["downstream_num_fewshot"], result["downstream_limit"] = num_fewshot, task_limit
             write_json_atomic(folder / "result.json", result)  # a rerun then finds the scores
@@ -177,54 +196,45 @@ def _execute_locked(job, folder: pathlib.Path, store: ResultsStore, token: str, 
     return record
 
 
+def _lm_eval_in_ray(folder: pathlib.Path, tasks: list[str], num_fewshot: int, limit: int | None) -> dict[str, Any]:
+    # lm-eval bootstraps standard errors in a fork()ed multiprocessing pool; fork() inside a Ray
+    # worker (threads, signal handlers) deadlocks, so its documented switch makes it run serially
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    return evaluate_downstream(folder, tasks, num_fewshot=num_fewshot, limit=limit, progress=False)
+
+
+def _downstream(folder: pathlib.Path, tasks: list[str], num_fewshot: int, limit: int | None,
+                run: RunOptions | None) -> dict[str, Any]:
+    """The downstream scores, here (a one-device job's task holds its GPU) or, for a job trained on several
+    devices (whose task holds nothing), in a task of its own with one GPU (or its CPUs)."""
+    if run is None:
+        return _lm_eval_in_ray(folder, tasks, num_fewshot, limit)
+    ray = _ray()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    task = ray.remote(_lm_eval_in_ray).options(num_gpus=1 if gpus else 0, num_cpus=1 if gpus else run.cpus_per_worker)
+    return ray.get(task.remote(folder, tasks, num_fewshot, limit))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Ray
 
 
 def _ray():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    return ray
-
-
-def _project_root() -> pathlib.Path | None:
-    root = pathlib.Path(__file__).resolve().parent.parent
-    return root if (root / "pyproject.toml").exists() else None
+    return ray_module()
 
 
 def _start_ray(options: SweepOptions) -> bool:
     """Connect to or start Ray; True if this call started it (and must shut it down)."""
-    ray = _ray()
-    if ray.is_initialized():
-        return False
-    address = options.address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": options.verbose,
-                              "logging_level": logging.INFO if options.verbose else logging.ERROR}
-    if address and address != "local":
-        env = {k: v for k, v in os.environ.items() if k.startswith(("HARNESS_", "HF_", "TOKENIZERS_"))}
-        runtime_env: dict[str, Any] = {"env_vars": env}
-        root = _project_root()
-        if root is not None:  # a checkout: ship it so every node imports the same code
-            runtime_env["working_dir"] = str(root)
-            runtime_env["excludes"] = [".git", ".venv", ".tox", "results", "**/__pycache__", "*.safetensors"]
-        try:
-            ray.init(address=address, runtime_env=runtime_env, **kwargs)
-        except (ConnectionError, RuntimeError) as exc:
-            raise SweepError(f"cannot join the Ray cluster at {address} ({one_line(exc, 200)}); check the address "
-                             "(`ray status` on the head node) and, if the cluster uses token authentication, "
-                             "RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN") from None
-    else:
-        ray.init(num_cpus=options.cpus or os.cpu_count() or 1, **kwargs)
-    return True
+    return start_ray(options.address, options.cpus, options.verbose)
 
 
 def _cluster_slots(options: SweepOptions) -> tuple[int, int]:
-    """(GPUs, parallel job slots) of the Ray cluster."""
+    """(GPUs, jobs the cluster runs at once) of the Ray cluster."""
     resources = _ray().cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    slots = gpus if gpus else max(1, int(resources.get("CPU", 1)) // options.cpus_per_job)
-    return gpus, slots
+    per_device = 1 if gpus else options.cpus_per_job
+    devices = gpus if gpus else int(resources.get("CPU", 1)) // per_device
+    return gpus, max(1, devices // options.devices_per_job)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,6 +317,8 @@ def sweep(request: planning.PlanRequest, options: SweepOptions) -> SweepOutcome:
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if options.progress else (lambda text: None)
     remote = bool(options.address or os.environ.get("RAY_ADDRESS")) and options.address != "local"
     we_started = False
+    # the plan estimates the jobs as they will run (hours and memory on N devices)
+    request = dataclasses.replace(request, devices_per_job=options.devices_per_job, parallel=options.parallel)
     try:
         hardware = None
         if remote and not options.dry_run:
@@ -315,10 +327,13 @@ def sweep(request: planning.PlanRequest, options: SweepOptions) -> SweepOutcome:
             if gpus and not request.gpu:
                 probe = _ray().remote(num_gpus=1)(_probe_hardware)
                 hardware = _ray().get(probe.remote(request))
-            hardware = dataclasses.replace(hardware, workers=slots) if hardware else None
-            request = dataclasses.replace(request, workers=request.workers or slots)
+            devices = slots * options.devices_per_job  # the plan's workers are devices; it divides them by N
+            hardware = dataclasses.replace(hardware, workers=devices) if hardware else None
+            request = dataclasses.replace(request, workers=request.workers or devices)
         plan = planning.make_plan(request, hardware)
         print(planning.format_plan(plan), flush=True)
+        for planned in plan.jobs:  # a batch that does not split over the devices fails before anything runs
+            check_devices(planned.job.train, options.devices_per_job)
         outcome = SweepOutcome(plan)
         if options.dry_run:
             return outcome
@@ -447,21 +462,38 @@ def _run_round(queue: list[planning.PlannedJob], store: ResultsStore, options: S
     ray = _ray()
     gpus, slots = _cluster_slots(options)
     nodes = _alive_nodes()
-    task = ray.remote(execute_job).options(
-        num_cpus=options.cpus_per_job, num_gpus=1 if gpus else 0, max_retries=options.retries,
-        retry_exceptions=True)
-    say(f"running {len(queue)} job(s) on Ray: {slots} at once ({'1 GPU' if gpus else f'{options.cpus_per_job} CPU'} "
-        f"per job); results -> {store.path}")
+    devices = options.devices_per_job
+    if devices > 1:  # the trainer's workers hold the devices and restart themselves (FailureConfig)
+        task = ray.remote(execute_job).options(num_cpus=0, num_gpus=0, max_retries=0)
+        each = f"{devices} {'GPUs' if gpus else f'x {options.cpus_per_job} CPU'} per job, {options.parallel}"
+    else:
+        task = ray.remote(execute_job).options(
+            num_cpus=options.cpus_per_job, num_gpus=1 if gpus else 0, max_retries=options.retries,
+            retry_exceptions=True)
+        each = f"{'1 GPU' if gpus else f'{options.cpus_per_job} CPU'} per job"
+    say(f"running {len(queue)} job(s) on Ray: {slots} at once ({each}); results -> {store.path}")
     root = str(store.root.resolve())  # workers may run elsewhere (a cluster's working_dir): no relative paths
-    pending = {task.remote(j.job.to_dict(), root, token, options.tasks, options.num_fewshot,
-                           options.task_limit, options.cpus_per_job): j for j in queue}
+    waiting = list(queue)
+    # one-device tasks queue in Ray for their resources; a several-device job's task reserves nothing, so
+    # only as many are submitted as can train at once (the others would only wait, each holding a process)
+    limit = slots if devices > 1 else len(waiting)
+
+    def submit() -> None:
+        while waiting and len(pending) < limit:
+            planned = waiting.pop(0)
+            ref = task.remote(planned.job.to_dict(), root, token, options.tasks, options.num_fewshot,
+                              options.task_limit, options.cpus_per_job, devices, options.parallel, options.retries)
+            pending[ref] = planned
+
+    pending: dict[Any, planning.PlannedJob] = {}
+    submit()
     lost: list[planning.PlannedJob] = []
     fault, shown = "", None
     while pending:
         try:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
         except ray.exceptions.RayError as exc:  # the driver lost its raylet or the GCS
-            return lost + list(pending.values()), one_line(exc)
+            return lost + list(pending.values()) + waiting, one_line(exc)
         for ref in ready:
             planned = pending.pop(ref)
             try:
@@ -473,6 +505,7 @@ def _run_round(queue: list[planning.PlannedJob], store: ResultsStore, options: S
                     continue
                 record = failed_record(planned.job, _failure_message(exc), attempt=options.retries + 1)
             _collect(record, store, outcome, bar)
+        submit()
         counts = {"done": outcome.ok, "running": _running(pending, store, token), "failed": outcome.failed}
         if counts != shown:  # redraw on change only: a log file gets one line per change, not per poll
             bar.set_postfix(counts, refresh=True)

@@ -7,10 +7,14 @@
   re-seeded from (seed, s) before each step, so a resumed run repeats an uninterrupted one exactly.
 * ``DIR/checkpoint`` (safetensors + JSON) is rewritten every ``train.checkpoint_every`` steps; running
   the same command again resumes from it. ``DIR/metrics.jsonl`` holds one JSON line per logged step.
+* :func:`train_job` trains in this process. A job on several devices (:mod:`harness.distributed`) runs the
+  same step loop, :func:`run_steps`, on every rank; a :class:`Placement` says what differs (rows of each
+  batch, gradient and metric reduction, checkpoints), and the base class is the single-process run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -20,6 +24,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,74 +66,165 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
                 file=sys.stderr)
 
 
-def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bool = False) -> dict[str, Any]:
-    """Run (or resume, or return the finished result of) ``job`` in folder ``out``."""
-    out = pathlib.Path(out)
-    finished = _finished_result(job, out, force)  # reads only: nothing is written until the job is validated
-    if finished is not None:
-        return finished
-    remove_if_empty(make_folder(out, "job folder"), out)  # a folder that cannot be created fails now, not later
+class Placement:
+    """Where the step loop runs: in this one process (this class, what :func:`train_job` uses), or as one
+    rank of a job on several devices (the DDP and FSDP subclasses in :mod:`harness.distributed`).
 
-    started = time.time()
+    :func:`run_steps` reaches devices, gradients, metrics and checkpoints only through these methods, so
+    the single-process run is exactly the loop with every method below a no-op or the plain call.
+    """
+
+    rank = 0
+    world = 1
+    strategy = "single"
+
+    def device(self, cfg: TrainConfig) -> torch.device:
+        return resolve_device(cfg.device)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the loop trains (DDP wraps it, FSDP shards it in place)."""
+        return model
+
+    def micro_batch(self, model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        """Context of one micro-batch's forward and backward (``last``: the step's final one)."""
+        return contextlib.nullcontext()
+
+    def mean(self, values: list[float]) -> list[float]:
+        """Per-process values (loss, stats) -> their mean over every rank."""
+        return values
+
+    def totals(self, totals: compute.LedgerTotals) -> compute.LedgerTotals:
+        """This process's ledger -> the job's (the sum over every rank)."""
+        return totals
+
+    def clip(self, model: torch.nn.Module, max_norm: float) -> float:
+        """Clip the gradients' global norm to ``max_norm``; the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+
+    def save(self, folder: pathlib.Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             state: dict[str, Any], last: bool) -> None:
+        checkpoint.save(folder, model, optimizer, state)
+
+    def load(self, folder: pathlib.Path, model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        return checkpoint.load(folder, model, optimizer)
+
+    def evaluation_model(self, model: torch.nn.Module, rebuild) -> torch.nn.Module:
+        """The plain model rank 0 evaluates once training is done; ``rebuild()`` makes one from the last
+        checkpoint (what a sharded model needs)."""
+        return model
+
+    def before_step(self, step: int, start_step: int) -> None:
+        """Called at the start of every step (the distributed runs' fault-injection hook)."""
+
+
+@dataclass
+class Prepared:
+    """A validated job, ready to train: its data, model (initialised, on CPU) and number of steps."""
+
+    corpus: Any
+    model: torch.nn.Module
+    steps: int
+    flops_per_token: float
+    init_from: dict[str, Any] | None
+
+
+def prepare(job: Job) -> Prepared:
+    """Seed, load the data, build (and initialise) the model and count the steps; writes nothing.
+
+    Every rank of a job on several devices calls this too: seeded by the job alone, they build the
+    same initial weights.
+    """
     torch.manual_seed(job.seed)
-    device = resolve_device(job.train.device)
     corpus = load_corpus(job.data)
     model = make_model(job, corpus.tokenizer.vocab_size)
     # continued pretraining: the checkpoint's weights, the method's own parameters keep their init (a resume
     # then overwrites all of them from DIR/checkpoint)
     init_from = hf.load_into(model, job.init_from) if job.init_from else None
-    model = model.to(device)
-    cfg = job.train
+    flops_per_token = model.train_flops_per_token(job.train.seq_len)
+    steps = total_steps(job, flops_per_token, len(corpus.train))
+    return Prepared(corpus, model, steps, flops_per_token, init_from)
 
-    tokens_per_step = cfg.tokens_per_step
-    flops_per_token = model.train_flops_per_token(cfg.seq_len)
-    steps = _total_steps(job, flops_per_token, len(corpus.train))
-    previous = _claim_folder(job, out, force)  # the first write, once data, config and budget are validated
+
+def claim_folder(job: Job, out: pathlib.Path, force: bool, corpus) -> dict[str, Any]:
+    """The first write, once data, config and budget are validated: job.json and tokenizer.json; the
+    result.json the folder held before, or {}."""
+    previous = _claim_folder(job, out, force)
     corpus.tokenizer.save(out / "tokenizer.json")
+    return previous
 
-    optimizer = build_optimizer(model, cfg)
+
+def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bool = False) -> dict[str, Any]:
+    """Run (or resume, or return the finished result of) ``job`` in folder ``out``, in this process."""
+    out = pathlib.Path(out)
+    finished = finished_result(job, out, force)  # reads only: nothing is written until the job is validated
+    if finished is not None:
+        return finished
+    remove_if_empty(make_folder(out, "job folder"), out)  # a folder that cannot be created fails now, not later
+
+    started = time.time()
+    placement = Placement()
+    placement.device(job.train)  # an unavailable device fails before the data is loaded
+    prepared = prepare(job)
+    previous = claim_folder(job, out, force, prepared.corpus)
+    return run_steps(job, out, prepared, placement, previous.get("downstream"), started, progress)
+
+
+def run_steps(job: Job, out: pathlib.Path, prepared: Prepared, placement: Placement,
+              downstream: dict[str, Any] | None, started: float, progress: bool) -> dict[str, Any] | None:
+    """Train ``prepared`` from its checkpoint (if any) to its last step, then (rank 0) evaluate it and
+    write result.json. Returns the result on rank 0, None on the other ranks.
+
+    Several ranks (:mod:`harness.distributed`): every micro-batch of ``train.batch_size`` sequences is
+    drawn whole from (seed, step, micro-batch) and rank r trains its r-th slice of ``batch_size / world``
+    rows, so the data and the torch RNG draws of a step (PonderLM's Jacobi pass count) are the same at any
+    number of ranks; losses and stats are averaged and the compute ledger summed over ranks.
+    """
+    cfg = job.train
+    device = placement.device(cfg)
+    model = prepared.model.to(device)
+    trained = placement.wrap(model)
+    steps, tokens_per_step = prepared.steps, cfg.tokens_per_step
+    main = placement.rank == 0
+    optimizer = build_optimizer(trained, cfg)
     ckpt_dir = out / "checkpoint"
     metrics_file = out / "metrics.jsonl"
-    start_step, measured, seconds_before = _resume(ckpt_dir, metrics_file, model, optimizer)
+    start_step, measured, seconds_before = _resume(ckpt_dir, metrics_file, trained, optimizer, placement)
+    rows = None
+    if placement.world > 1:
+        share = cfg.batch_size // placement.world
+        rows = slice(placement.rank * share, (placement.rank + 1) * share)
 
     def save(step: int, train_seconds: float) -> None:
-        checkpoint.save(ckpt_dir, model, optimizer, {
+        totals = placement.totals(ledger.totals)
+        placement.save(ckpt_dir, trained, optimizer, {
             "method": job.method, "model_config": model.config.to_dict(), "step": step, "total_steps": steps,
-            "ledger": dataclasses.asdict(ledger.totals), "train_seconds": train_seconds})
+            "ledger": dataclasses.asdict(totals), "train_seconds": train_seconds}, last=step == steps)
 
-    model.train()
-    ledger = compute.ComputeLedger(measured)
-    bar = _progress(steps, start_step, f"{job.method}/{job.size}", progress)
+    trained.train()
+    ledger = compute.ComputeLedger(measured if main else compute.LedgerTotals())  # rank 0 carries the past
+    bar = _progress(steps, start_step, f"{job.method}/{job.size}", progress and main)
     step_timer, window_tokens, seconds = time.time(), 0, seconds_before
-    with ledger, open(metrics_file, "a") as metrics:
+    with ledger, (open(metrics_file, "a") if main else contextlib.nullcontext()) as metrics:
         for step in range(start_step, steps):
+            placement.before_step(step, start_step)
             torch.manual_seed(step_seed(job.seed, step))
             lr = lr_at(step, steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loss_value, lm_loss_value, stats = 0.0, 0.0, {}
-            for micro in range(cfg.grad_accum):  # micro-batch index step*A+m: A=1 is plain step indexing
-                inputs, targets = batch_at(corpus.train, step * cfg.grad_accum + micro, cfg.batch_size,
-                                           cfg.seq_len, job.seed)
-                with autocast_for(device, cfg.precision):
-                    output = model(inputs.to(device), targets.to(device))
-                micro_loss = output.loss.item()
-                if not math.isfinite(micro_loss):
-                    bar.close()
-                    raise TrainingError(
-                        f"{job.method}: loss became {micro_loss} at step {step} (lr {lr:.3g}); lower train.lr "
-                        f"or set train.grad_clip>0; the last good checkpoint (step {_checkpoint_step(ckpt_dir)}) "
-                        "is kept")
-                (output.loss / cfg.grad_accum).backward()
-                loss_value += micro_loss / cfg.grad_accum
-                lm_loss_value += output.lm_loss.item() / cfg.grad_accum
-                for k, v in output.stats.items():
-                    stats[k] = stats.get(k, 0.0) + float(v) / cfg.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")).item()
+            loss_value, lm_loss_value, stats = _accumulate(job, prepared.corpus.train, step, rows, trained, device,
+                                                           placement)
+            if not math.isfinite(loss_value):  # every rank sees the same mean, so all stop here together
+                bar.close()
+                raise TrainingError(
+                    f"{job.method}: loss became {loss_value} at step {step} (lr {lr:.3g}); lower train.lr "
+                    f"or set train.grad_clip>0; the last good checkpoint (step {_checkpoint_step(ckpt_dir)}) "
+                    "is kept")
+            grad_norm = placement.clip(trained, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             optimizer.step()
-            ledger.add_tokens(tokens_per_step)
+            if main:
+                ledger.add_tokens(tokens_per_step)
             window_tokens += tokens_per_step
             bar.update(1)
             done = step + 1
@@ -137,37 +233,85 @@ def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bo
                 rate = window_tokens / max(now - step_timer, 1e-9)
                 seconds += now - step_timer
                 step_timer, window_tokens = now, 0
+                train_flops = placement.totals(ledger.totals).train_flops
                 record = {"step": done, "tokens": done * tokens_per_step, "loss": loss_value,
                           "lm_loss": lm_loss_value, "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_second": rate, "train_flops": ledger.totals.train_flops, **stats}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                          "tokens_per_second": rate, "train_flops": train_flops, **stats}
+                if main:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
             if done % cfg.checkpoint_every == 0 or done == steps:
                 save(done, seconds)
     bar.close()
+    totals = placement.totals(ledger.totals)
 
+    def rebuild() -> torch.nn.Module:
+        plain = make_model(job, prepared.corpus.tokenizer.vocab_size)
+        checkpoint.load_weights(ckpt_dir, plain)
+        return plain.to(device)
+
+    evaluated = placement.evaluation_model(trained, rebuild)
+    if not main:
+        return None
+    record = {"train_steps": steps, "train_tokens": steps * tokens_per_step, "train_flops": totals.train_flops,
+              "train_seconds": seconds, "device": str(device)}
+    return _record(job, out, prepared, evaluated, placement, record, downstream, started - seconds_before, progress)
+
+
+def _record(job: Job, out: pathlib.Path, prepared: Prepared, model: torch.nn.Module, placement: Placement,
+            trained: dict[str, Any], downstream: dict[str, Any] | None, since: float,
+            progress: bool) -> dict[str, Any]:
+    """Evaluate the trained ``model`` and write result.json (rank 0); ``trained``: what training measured,
+    ``since``: when the job's wall clock started (earlier attempts included)."""
+    cfg, corpus = job.train, prepared.corpus
+    device = torch.device(trained["device"])
     result = {
         "method": job.method, "size": job.size, "seed": job.seed, "job_id": job.job_id(),
         "params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
-        "budget": job.budget, "train_steps": steps, "train_tokens": steps * tokens_per_step,
-        "train_flops": ledger.totals.train_flops, "train_flops_per_token_analytic": flops_per_token,
-        "train_seconds": seconds, "config": model.config.to_dict(), "train_config": dataclasses.asdict(cfg),
+        "budget": job.budget, "train_steps": trained["train_steps"], "train_tokens": trained["train_tokens"],
+        "train_flops": trained["train_flops"], "train_flops_per_token_analytic": prepared.flops_per_token,
+        "train_seconds": trained["train_seconds"], "config": model.config.to_dict(),
+        "train_config": dataclasses.asdict(cfg),
         "data": dataclasses.asdict(job.data) | {"name": corpus.name, "unigram_ppl": corpus.unigram_perplexity()},
-        "tags": job.tags, "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+        "tags": job.tags, "device": trained["device"], "torch": torch.__version__, "python": platform.python_version(),
     }
-    if init_from:  # {"path", "loaded", "kept_own_init"}: what came from the checkpoint, what kept its own init
-        result["init_from"] = init_from
-    result.update(evaluate_model(model, corpus, cfg, device, records_path=out / "tokens.npz",
-                                 progress=progress))
-    result["wall_seconds"] = time.time() - started + seconds_before
-    if previous.get("downstream"):  # scores of an earlier `harness eval --tasks` survive re-evaluation
-        result["downstream"] = previous["downstream"]
+    if placement.world > 1:  # how it ran; the numbers above do not depend on it
+        result.update(devices=placement.world, parallel=placement.strategy)
+    if prepared.init_from:  # {"path", "loaded", "kept_own_init"}: what came from the checkpoint, what kept its own init
+        result["init_from"] = prepared.init_from
+    result.update(evaluate_model(model, corpus, cfg, device, records_path=out / "tokens.npz", progress=progress))
+    result["wall_seconds"] = time.time() - since
+    if downstream:  # scores of an earlier `harness eval --tasks` survive re-evaluation
+        result["downstream"] = downstream
     warning = flops_warning(result, model.adaptive)
     if warning:
         result["flops_warning"] = warning
     write_json_atomic(out / "result.json", result)
     return result
+
+
+def _accumulate(job: Job, tokens, step: int, rows: slice | None, trained: torch.nn.Module, device: torch.device,
+                placement: Placement) -> tuple[float, float, dict[str, float]]:
+    """Forward and backward of the step's micro-batches (this rank's rows of each); the mean loss, LM loss
+    and stats over the step's sequences (over every rank)."""
+    cfg = job.train
+    loss_value, lm_loss_value, stats = 0.0, 0.0, {}
+    for micro in range(cfg.grad_accum):  # micro-batch index step*A+m: A=1 is plain step indexing
+        inputs, targets = batch_at(tokens, step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, job.seed)
+        if rows is not None:
+            inputs, targets = inputs[rows], targets[rows]
+        with placement.micro_batch(trained, last=micro == cfg.grad_accum - 1):
+            with autocast_for(device, cfg.precision):
+                output = trained(inputs.to(device), targets.to(device))
+            micro_loss = output.loss.item()
+            (output.loss / cfg.grad_accum).backward()
+        loss_value += micro_loss / cfg.grad_accum
+        lm_loss_value += output.lm_loss.item() / cfg.grad_accum
+        for k, v in output.stats.items():
+            stats[k] = stats.get(k, 0.0) + float(v) / cfg.grad_accum
+    loss_value, lm_loss_value, *values = placement.mean([loss_value, lm_loss_value, *stats.values()])
+    return loss_value, lm_loss_value, dict(zip(stats, values))
 
 
 FLOPS_TOLERANCE = 0.02  # measured inference FLOPs may exceed (adaptive) or differ from (fixed) the analytic count
@@ -208,7 +352,7 @@ def _checkpoint_finished(ckpt_dir: pathlib.Path) -> bool:
     return state.get("total_steps") is not None and int(state.get("step", -1)) == int(state["total_steps"])
 
 
-def _finished_result(job: Job, out: pathlib.Path, force: bool) -> dict[str, Any] | None:
+def finished_result(job: Job, out: pathlib.Path, force: bool) -> dict[str, Any] | None:
     """Without writing anything: the finished result of ``job`` in ``out``, None if there is none to return,
     a ConfigError naming the differing fields if ``out`` holds another job.
 
@@ -249,7 +393,7 @@ def _claim_folder(job: Job, out: pathlib.Path, force: bool) -> dict[str, Any]:
         return {}
 
 
-def _total_steps(job: Job, flops_per_token: float, train_tokens: int) -> int:
+def total_steps(job: Job, flops_per_token: float, train_tokens: int) -> int:
     """The optimizer steps that ``job.budget`` buys; a TrainingError if that is none or the data is too short."""
     cfg = job.train
     tokens_per_step = cfg.tokens_per_step
@@ -266,19 +410,24 @@ def _total_steps(job: Job, flops_per_token: float, train_tokens: int) -> int:
 
 
 def _resume(ckpt_dir: pathlib.Path, metrics_file: pathlib.Path, model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer) -> tuple[int, compute.LedgerTotals, float]:
-    """Load the checkpoint into ``model`` and ``optimizer`` if there is one: (step, ledger totals, seconds)."""
+            optimizer: torch.optim.Optimizer, placement: Placement) -> tuple[int, compute.LedgerTotals, float]:
+    """Load the checkpoint into ``model`` and ``optimizer`` if there is one: (step, ledger totals, seconds).
+
+    A finished checkpoint (a job stopped while evaluating) loads its weights only: no step is left to take,
+    and a sharded job's last checkpoint holds no optimizer state.
+    """
+    main = placement.rank == 0
     if not (ckpt_dir / "state.json").exists():
-        if metrics_file.exists():
+        if main and metrics_file.exists():
             metrics_file.unlink()
         return 0, compute.LedgerTotals(), 0.0
-    state = checkpoint.load_state(ckpt_dir)
-    checkpoint.load_weights(ckpt_dir, model)
-    checkpoint.load_optimizer(ckpt_dir, optimizer, state["optimizer"])
+    finished = _checkpoint_finished(ckpt_dir)
+    state = placement.load(ckpt_dir, model, None if finished else optimizer)
     start_step = int(state["step"])
     measured = compute.LedgerTotals(**state["ledger"])
     seconds_before = float(state.get("train_seconds", 0.0))
-    _truncate_metrics(metrics_file, start_step)
+    if main:
+        _truncate_metrics(metrics_file, start_step)
     return start_step, measured, seconds_before
 
 

@@ -13,7 +13,10 @@ Given the same weights and ``ponder_init=False``, logits equal ``transformers.Ll
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -99,6 +102,72 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
     (negating a product is exact), so there is no slicing, negation or concatenation to run.
     """
     return (x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed).type_as(x)
+
+
+def compiled_steps_available(device: torch.device | str) -> bool:
+    """Whether torch.compile can build code here: inductor needs a C++ compiler on CPU, Triton on CUDA."""
+    return _compiler_found(torch.device(device).type)
+
+
+@functools.cache
+def _compiler_found(device_type: str) -> bool:
+    try:
+        from torch import _dynamo
+
+        if not _dynamo.is_dynamo_supported():
+            return False
+        if device_type == "cpu":
+            from torch._inductor import cpp_builder
+
+            cpp_builder.get_cpp_compiler()  # raises when no compiler is found
+            return True
+        if device_type == "cuda":
+            from torch.utils._triton import has_triton
+
+            return has_triton()
+    except Exception:  # no compiler, or a torch build without inductor
+        return False
+    return False
+
+
+# Per decoder: (its compiled make_slot_step, parameter versions, its weights, the parameters), outside the
+# module so that state_dict, copies and pickles never see them.
+_COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def make_slot_step(n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int, eps: float) -> Callable[..., torch.Tensor]:
+    """The decoding step of one backbone shape, for torch.compile (``Decoder._compiled_step_and_weights``).
+
+    The returned ``step(weights, x, cos, sin_signed, mask, keys, values, start)`` runs one new slot per
+    row through every block and the final norm at cache slot ``start``: what
+    ``Decoder.norm(Decoder.run_blocks(x, plan))`` computes for a one-slot decoding plan, written as pure
+    tensor operations on explicit weights, so that torch.compile traces it without module attributes to
+    guard on; the shape is closed over, so it compiles as constants, not as symbolic sizes. The same
+    operations as :meth:`Block.forward` (RMSNorm, RoPE by :func:`rotate`, the cache write, SDPA with the
+    plan's mask, SwiGLU), except that q, k and v come from one matmul on their concatenated weights and
+    gate and up from another (a one-row matmul costs as much call overhead as arithmetic).
+    """
+    q_width, kv_width, gqa = n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads != n_heads
+
+    def step(weights: list[torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+             mask: torch.Tensor | None, keys: list[torch.Tensor], values: list[torch.Tensor],
+             start: int) -> torch.Tensor:
+        b, n, d = x.shape
+        total = start + 1
+        for i in range(len(keys)):
+            norm_in, w_qkv, w_o, norm_post, w_gate_up, w_down = weights[6 * i:6 * i + 6]
+            q, k, v = F.linear(F.rms_norm(x, (d,), norm_in, eps), w_qkv).split((q_width, kv_width, kv_width), -1)
+            q = rotate(q.view(b, n, n_heads, head_dim).transpose(1, 2), cos, sin_signed)
+            keys[i][:, :, start:total] = rotate(k.view(b, n, n_kv_heads, head_dim).transpose(1, 2), cos, sin_signed)
+            values[i][:, :, start:total] = v.view(b, n, n_kv_heads, head_dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, keys[i][:, :, :total], values[i][:, :, :total], attn_mask=mask,
+                                                 enable_gqa=gqa)
+            x = x + F.linear(out.transpose(1, 2).reshape(b, n, q_width), w_o)
+            gate, up = F.linear(F.rms_norm(x, (d,), norm_post, eps), w_gate_up).split((d_ff, d_ff), -1)
+            x = x + F.linear(F.silu(gate) * up, w_down)
+        return F.rms_norm(x, (d,), weights[-1], eps)
+
+    return step
 
 
 IGNORE_INDEX = -100  # targets with this value are left out of the loss (as models.base.IGNORE_INDEX)
@@ -190,6 +259,11 @@ class KVCache:
         self.length = start + n
         return start
 
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` slots now (storage grows; the slots and their contents stay)."""
+        if capacity > self.capacity:
+            self._grow(capacity)
+
     def _grow(self, capacity: int) -> None:
         def grown(t: torch.Tensor, dim: int, fill: float = 0) -> torch.Tensor:
             shape = list(t.shape)
@@ -204,16 +278,21 @@ class KVCache:
         self.key_valid = grown(self.key_valid, 1, fill=True)
         self.capacity = capacity
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, Hkv, n, D] at slots start.. and return all keys and values so far."""
+    def buffers(self, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole key and value storage [B, Hkv, capacity, D] of ``layer``, allocated on first use."""
         if self.keys[layer] is None:
             shape = (self.batch_size, self.n_kv_heads, self.capacity, self.head_dim)
-            self.keys[layer] = torch.zeros(shape, device=self.device, dtype=k.dtype)
-            self.values[layer] = torch.zeros(shape, device=self.device, dtype=v.dtype)
+            self.keys[layer] = torch.zeros(shape, device=self.device, dtype=dtype)
+            self.values[layer] = torch.zeros(shape, device=self.device, dtype=dtype)
+        return self.keys[layer], self.values[layer]
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, Hkv, n, D] at slots start.. and return all keys and values so far."""
+        keys, values = self.buffers(layer, k.dtype)
         n = k.shape[2]
-        self.keys[layer][:, :, start:start + n] = k
-        self.values[layer][:, :, start:start + n] = v
-        return self.keys[layer][:, :, :self.length], self.values[layer][:, :, :self.length]
+        keys[:, :, start:start + n] = k
+        values[:, :, start:start + n] = v
+        return keys[:, :, :self.length], values[:, :, :self.length]
 
 
 @dataclass
@@ -256,8 +335,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def project(self, x: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, n, d] -> rotated q [B, H, n, D], k and v [B, Hkv, n, D]."""
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, n, d] -> q [B, H, n, D], k and v [B, Hkv, n, D], not yet rotated."""
         b, n, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         # Functional calls on the weights: the same matmuls without nn.Module call overhead, which
@@ -266,7 +345,24 @@ class Attention(nn.Module):
         q = F.linear(x, self.q_proj.weight).view(b, n, H, D).transpose(1, 2)
         k = F.linear(x, self.k_proj.weight).view(b, n, Hkv, D).transpose(1, 2)
         v = F.linear(x, self.v_proj.weight).view(b, n, Hkv, D).transpose(1, 2)
-        return rotate(q, plan.cos, plan.sin_signed), rotate(k, plan.cos, plan.sin_signed), v
+        return q, k, v
+
+    def project(self, x: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, n, d] -> rotated q [B, H, n, D], k and v [B, Hkv, n, D]."""
+        q, k, v = self.qkv(x)
+        if q.shape[2] == 1:  # one slot (decoding): nothing to gain from the layout below
+            return rotate(q, plan.cos, plan.sin_signed), rotate(k, plan.cos, plan.sin_signed), v
+        # Rotate in the projections' own memory layout, [B, n, H, D] against cos [B, n, 1, D], and
+        # transpose after: the same products (bit for bit), ~30% faster on CPU than through the
+        # transposed [B, H, n, D] view, and the result has the strides the view-wise rotation gives.
+        cos, sin_signed = plan.cos.transpose(1, 2), plan.sin_signed.transpose(1, 2)
+        return (rotate(q.transpose(1, 2), cos, sin_signed).transpose(1, 2),
+                rotate(k.transpose(1, 2), cos, sin_signed).transpose(1, 2), v)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, H, n, D] -> o_proj of the concatenated heads [B, n, d]."""
+        b, _, n, _ = out.shape
+        return F.linear(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim), self.o_proj.weight)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         """Scaled dot-product attention over the given keys; returns the projected output [B, n, d]."""
@@ -276,8 +372,13 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=plan.mask_as(q.dtype), is_causal=plan.is_causal,
                 enable_gqa=self.n_kv_heads != self.n_heads)
-        b, _, n, _ = q.shape
-        return F.linear(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim), self.o_proj.weight)
+        return self.output(out)
+
+    @staticmethod
+    def key_bias_width(head_dim: int, device: torch.device) -> int:
+        """Head dimension with the key-bias channel: D + 1 on CPU (its kernel takes any width), else the
+        next multiple of 8, which fused GPU kernels want."""
+        return head_dim + 1 if device.type == "cpu" else (head_dim + 1 + 7) // 8 * 8
 
     def _attend_with_key_bias(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               key_bias: torch.Tensor) -> torch.Tensor:
@@ -292,7 +393,7 @@ class Attention(nn.Module):
         fused kernels need equal head dimensions.)
         """
         b, _, n, d = q.shape
-        pad = 1 if q.device.type == "cpu" else (d + 1 + 7) // 8 * 8 - d
+        pad = self.key_bias_width(d, q.device) - d
         channel = (key_bias * math.sqrt(d)).to(k.dtype)[:, None, :, None].expand(b, k.shape[1], n, 1)
         q_parts, k_parts = [q, q.new_ones(b, q.shape[1], n, 1)], [k, channel]
         if pad > 1:
@@ -342,6 +443,16 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+@torch.no_grad()
+def init_weight(tensor: torch.Tensor, std: float, cfg: ModelConfig) -> torch.Tensor:
+    """N(0, std^2) in place: truncated at +-3 std under ``ponder_init``, as every reference ``_init_weights``
+    (PonderLM-2 repo, modeling_llama*.py: ``nn.init.trunc_normal_(w, std=std, a=-3*std, b=3*std)``), else
+    untruncated, as transformers' LLaMA init."""
+    if cfg.ponder_init:
+        return nn.init.trunc_normal_(tensor, 0.0, std, -3.0 * std, 3.0 * std)
+    return nn.init.normal_(tensor, 0.0, std)
+
+
 class Decoder(nn.Module):
     """Token embedding, L blocks, final norm and an untied LM head.
 
@@ -364,16 +475,16 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Norm weights 1; o_proj and down_proj at ``cfg.output_std``, every other weight (embedding rows
+        and LM head included) at ``cfg.weight_std``; truncated at +-3 std under ponder_init (init_weight)."""
         cfg = self.cfg
-        std = cfg.weight_std
-        out_std = std / math.sqrt(2.0 * cfg.n_layers) if cfg.ponder_init else std
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 p.fill_(1.0)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.normal_(0.0, out_std)
+                init_weight(p, cfg.output_std, cfg)
             else:
-                p.normal_(0.0, std)
+                init_weight(p, cfg.weight_std, cfg)
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -494,11 +605,99 @@ class Decoder(nn.Module):
             x = self.layers[i](x, plan, cache_layer_offset + i)
         return x
 
-    def new_cache(self, batch_size: int, n_stacks: int = 1, device=None, dtype=None) -> KVCache:
-        """A cache for ``n_stacks`` passes of the block stack (looped models keep one per loop)."""
+    # -- the decoding step: one new slot per row, optionally compiled ------------------------------
+
+    _compile_slot_steps = False  # set by compile_slot_steps (a class default: __init__ and copies stay plain)
+
+    def compile_slot_steps(self, enabled: bool = True) -> bool:
+        """Run one-slot decoding steps (:meth:`blocks_and_norm`) through ``torch.compile``; True if on.
+
+        Decided here: off by default (compiling costs tens of seconds once per process and shape
+        family, which only long decoding repays); on only where the compiler inductor needs exists (a
+        C++ compiler on CPU, Triton on CUDA), else this returns False and decoding stays eager. The
+        compiled step (:func:`make_slot_step`) runs the eager step's operations; inductor
+        fuses the elementwise ops between the matmuls and the step runs q|k|v and gate|up as one
+        matmul each, so values may differ in the last bits (fused reductions), never the decoded tokens
+        of the tests (tests/test_fast_paths.py).
+        """
+        self._compile_slot_steps = bool(enabled) and compiled_steps_available(self.lm_head.weight.device)
+        return self._compile_slot_steps
+
+    def blocks_and_norm(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        """``norm(run_blocks(x, plan))``: the normalised outputs of all blocks; a one-slot decoding step
+        takes the compiled path when :meth:`compile_slot_steps` turned it on."""
+        if self._compile_slot_steps and self._compilable(x, plan):
+            out = self._compiled_slot(x, plan)
+            if out is not None:
+                return out
+        return self.norm(self.run_blocks(x, plan))
+
+    def _compilable(self, x: torch.Tensor, plan: AttentionPlan) -> bool:
+        cache = plan.cache
+        # Slots 0 and 1 stay eager: torch.compile specialises the integers 0 and 1, which would cost
+        # two extra compilations for two steps.
+        return (cache is not None and plan.kv_hook is None and plan.key_bias is None and x.shape[1] == 1
+                and plan.cache_start >= 2 and cache.n_layers == len(self.layers) and not plan.is_causal
+                and (plan.mask is None or plan.mask.shape[-2] == 1) and not torch.is_grad_enabled()
+                and x.dtype == cache.dtype == self.lm_head.weight.dtype == torch.float32
+                and not torch.is_autocast_enabled(x.device.type))
+
+    def _compiled_slot(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor | None:
+        """The compiled step (:func:`make_slot_step`), counted in the ledger like the eager blocks; None (and
+        eager from then on) if compiling fails."""
+        step, weights = self._compiled_step_and_weights()
+        cache = plan.cache
+        # A full cache (every slot up to capacity in use) would be a case torch.compile specialises on
+        # (keys[:, :, :total] is then the whole storage): one recompilation, tens of seconds. Never full.
+        if cache.length >= cache.capacity:
+            cache.reserve(2 * cache.capacity)
+        buffers = [cache.buffers(i, x.dtype) for i in range(len(self.layers))]
+        try:
+            out = step(weights, x, plan.cos, plan.sin_signed, plan.mask_as(x.dtype), [k for k, _ in buffers],
+                       [v for _, v in buffers], plan.cache_start)
+        except Exception as error:  # any compiler failure means: decode eagerly
+            warnings.warn(f"compiled decoding step unavailable ({type(error).__name__}: {error}); decoding "
+                          "eagerly", RuntimeWarning, stacklevel=3)
+            self._compile_slot_steps = False
+            return None
+        for layer in self.layers:
+            compute.record_block(layer.matmul_params, layer.attn_width, plan.queries, plan.key_pairs)
+        return out
+
+    def _compiled_step_and_weights(self) -> tuple[Callable, list[torch.Tensor]]:
+        """The compiled decoding step (:func:`make_slot_step`) and its weights: per block the two norm
+        weights, q|k|v and gate|up concatenated (one matmul each instead of three and two) and o and down;
+        then the final norm's. The concatenations are rebuilt when a parameter changed (training, loading)."""
+        entry = _COMPILED_STEPS.get(self)
+        params = entry[3] if entry is not None else list(self.parameters())
+        version = tuple((p.data_ptr(), p._version) for p in params)
+        if entry is None or entry[1] != version:
+            weights = []
+            for layer in self.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                weights += [layer.input_layernorm.weight.detach(),
+                            torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
+                            attn.o_proj.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                            torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+                            mlp.down_proj.weight.detach()]
+            weights.append(self.norm.weight.detach())
+            # fullgraph: a graph break raises (then eager), never a silently half-compiled step
+            cfg = self.cfg
+            step = entry[0] if entry is not None else torch.compile(
+                make_slot_step(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.norm_eps),
+                dynamic=True, fullgraph=True)
+            entry = _COMPILED_STEPS[self] = (step, version, weights, params)
+        return entry[0], entry[2]
+
+    def new_cache(self, batch_size: int, n_stacks: int = 1, device=None, dtype=None, capacity: int = 64) -> KVCache:
+        """A cache for ``n_stacks`` passes of the block stack (looped models keep one per loop).
+
+        ``capacity``: slots preallocated (it doubles when exceeded); a caller that knows the length
+        it will decode passes it, so the storage is allocated once.
+        """
         p = self.lm_head.weight
         return KVCache(self.cfg.n_layers * n_stacks, batch_size, self.cfg.n_kv_heads, self.cfg.head_dim,
-                       device=device or p.device, dtype=dtype or p.dtype)
+                       device=device or p.device, dtype=dtype or p.dtype, capacity=capacity)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -512,7 +711,7 @@ class Decoder(nn.Module):
             offset = 0 if cache is None else cache.length
             positions = self.positions_after(offset, input_ids.shape[0], input_ids.shape[1], input_ids.device)
         plan = self.plan(positions.expand(input_ids.shape[0], -1), cache=cache, key_valid=valid)
-        return self.norm(self.run_blocks(self.embed(input_ids), plan))
+        return self.blocks_and_norm(self.embed(input_ids), plan)
 
     # -- analytic compute -----------------------------------------------------------------------
 
@@ -534,4 +733,5 @@ class Decoder(nn.Module):
 
 
 __all__ = ["Attention", "AttentionPlan", "Block", "Decoder", "IGNORE_INDEX", "KVCache", "LinearCrossEntropy",
-           "RMSNorm", "Rotary", "SwiGLU", "apply_rotary", "rotate"]
+           "RMSNorm", "Rotary", "SwiGLU", "apply_rotary", "compiled_steps_available",
+           "init_weight", "make_slot_step", "rotate"]

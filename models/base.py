@@ -20,7 +20,8 @@ Declarations (read by the harness and the contract tests, never guessed from nam
 * :meth:`evaluation_spec` -- extra evaluation metrics (:class:`EvalSpec`: Jacobi gaps, exact decoding);
 * :meth:`training_flops_exact` -- whether the ledger's training count equals the analytic one;
 * ``bench_roles`` and ``fixed_twin`` -- the benchmarks a method takes part in (:data:`BENCH_ROLES`);
-* ``test_variants`` -- config overrides every contract test also runs (tests/test_contract.py).
+* ``test_variants`` -- config overrides every contract test also runs (tests/test_contract.py);
+* ``reference_weight_decay`` -- the weight decay of the method's reference recipe (paper-scale plans).
 
 A plugin declares, for example::
 
@@ -104,6 +105,13 @@ class LanguageModel(nn.Module):
     steps_field: ClassVar[str | None] = None  # config field setting max_extra_steps (PRUNED_DECODING)
     # Named config overrides the contract tests run besides the defaults (e.g. K=0, another routing).
     test_variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Overrides on top of the contract's tiny config under the defaults and every variant: a shape the
+    # method's config allows (Mixture-of-Recursions needs n_layers - 2 to split into its recursions).
+    test_base: ClassVar[dict[str, Any]] = {}
+    # AdamW weight decay of the method's reference training recipe (its official script; None: none, the
+    # scale's default applies). The plan's Pythia scale trains the method with it unless --set
+    # train.weight_decay is given (harness/plan/ladder.py); the CPU rungs keep TrainConfig's for every method.
+    reference_weight_decay: ClassVar[float | None] = None
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -199,8 +207,16 @@ class LanguageModel(nn.Module):
         return compute.BACKWARD_MULTIPLIER * self.analytic_flops_per_token(seq_len, training=True)
 
     def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters; ``non_embedding`` leaves out the token embedding and the (untied) LM head.
+
+        Pythia's convention (Biderman et al. 2023, Table 1: 70M has 18.9M non-embedding parameters, i.e.
+        without embed_in and embed_out), so a method's count reflects its blocks, not the vocabulary.
+        """
         total = sum(p.numel() for p in self.parameters())
-        return total - self.decoder.embed_tokens.weight.numel() if non_embedding else total
+        if not non_embedding:
+            return total
+        embeddings = {id(w): w.numel() for w in (self.decoder.embed_tokens.weight, self.decoder.lm_head.weight)}
+        return total - sum(embeddings.values())  # a tied head is one tensor, subtracted once
 
 
 __all__ = ["BENCH_ROLES", "DecodeOutput", "EvalSpec", "IGNORE_INDEX", "JACOBI_TRAINING", "KVCache",

@@ -108,8 +108,10 @@ class PonderLM2(LanguageModel):
     """PonderLM-2: K latent thoughts per token, fed back as normalised hidden states (fixed K)."""
 
     Config = PonderLM2Config
+    reference_weight_decay = 0.1  # PonderLM-2 repo, scripts/train_ponderlm2_llama_{410m,1_4b}.sh
     config: PonderLM2Config
     bench_roles = frozenset({JACOBI_TRAINING})
+    steps_field = "latent_steps"  # K: the bench times Jacobi training at the K values a study runs
     test_variants = {"K0": {"latent_steps": 0}, "K2_J2": {"latent_steps": 2, "jacobi_passes": (2,)},
                      "K2_J2_init_no_grad": {"latent_steps": 2, "jacobi_passes": (2,), "init_no_grad": True}}
 
@@ -234,7 +236,7 @@ class PonderLM2(LanguageModel):
               key_valid: torch.Tensor | None, key_bias: torch.Tensor | None) -> torch.Tensor:
         """One slot for every row: x [B, 1, d] -> normalised output [B, 1, d], cached as a key."""
         plan = self.decoder.plan(position, cache=cache, key_bias=key_bias, key_valid=key_valid)
-        return self.decoder.norm(self.decoder.run_blocks(x, plan))
+        return self.decoder.blocks_and_norm(x, plan)
 
     def decode(self, input_ids: torch.Tensor, cache: LatentCache,
                valid: torch.Tensor | None = None) -> DecodeOutput:

@@ -87,6 +87,7 @@ class PonderLM3(PonderLM2):
     """PonderLM-3: a router picks 0..K latent steps per token; soft mask in training, pruning at inference."""
 
     Config = PonderLM3Config
+    reference_weight_decay = 0.1  # PonderLM-2's recipe, which PonderLM-3 builds on (scripts/train_ponderlm2_*.sh)
     config: PonderLM3Config
     adaptive = True
     bench_roles = frozenset({JACOBI_TRAINING, PRUNED_DECODING})

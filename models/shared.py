@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from harness.core.config import ModelConfig
+from models.backbone import init_weight
 
 
 def constant_steps(like: torch.Tensor, steps: int) -> torch.Tensor:
@@ -39,10 +40,12 @@ def init_linear(linear: nn.Linear, config: ModelConfig, bias: float = 0.0) -> No
     """The backbone's init for an added linear: N(0, 2/(5 fan_in)) under ponder_init, else N(0, init_std).
 
     For a d-input linear this is ``config.weight_std``; gates whose hidden width differs from d keep
-    the same rule on their own fan-in. The bias (if any) starts at ``bias``.
+    the same rule on their own fan-in. Truncated at +-3 std under ponder_init, as the reference
+    ``_init_weights`` does for every ``nn.Linear`` (:func:`models.backbone.init_weight`). The bias (if any)
+    starts at ``bias``.
     """
     std = math.sqrt(2.0 / (5.0 * linear.in_features)) if config.ponder_init else config.init_std
-    nn.init.normal_(linear.weight, 0.0, std)
+    init_weight(linear.weight, std, config)
     if linear.bias is not None:
         nn.init.constant_(linear.bias, bias)
 

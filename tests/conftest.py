@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -34,3 +35,39 @@ def small_corpus(tmp_path_factory):
 
 # Test models are tiny: per-op overhead dominates, and one thread is several times faster than two.
 torch.set_num_threads(1)
+
+
+# Ray Train's controller polls its workers every 2 s and watches for preemption; a test job is seconds long
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+RAY_CPUS = 4  # logical: two jobs of two one-CPU workers at once (tests/test_distributed.py), on any core count
+
+
+def _start_ray():
+    import ray
+
+    if not ray.is_initialized():  # a test that kills Ray (test_sweep.py's dead raylet) leaves none behind
+        ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    """One local Ray instance for the whole session (starting one takes seconds on 2 cores): a function that
+    returns the ``ray`` module with the instance running, starting it again if a test shut it down."""
+    _start_ray()
+    yield _start_ray
+    import ray
+
+    ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a CUDA device: skipped without one (scripts/gpu_check.sh runs them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu_check.sh runs these on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

@@ -15,8 +15,10 @@ BASE = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=2, d_ff=64)
 METHODS = [
     ("looped", dict(loops=2)),
     ("pause", dict(pause_tokens=2)),
+    ("pause", dict(pause_tokens=2, pause_token="per_slot")),
     ("pondering", dict(ponder_steps=2)),
-    ("pondering", dict(ponder_steps=1, ponder_top_k=7, n_heads=4, n_kv_heads=2, ponder_scale_token=False)),
+    ("pondering", dict(ponder_steps=2, ponder_reference="original")),
+    ("pondering", dict(ponder_steps=1, ponder_top_k=7, n_heads=4, n_kv_heads=2)),
 ]
 IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for m, o in METHODS]
 DEGENERATE = [("looped", dict(loops=0)), ("pause", dict(pause_tokens=0)), ("pondering", dict(ponder_steps=0))]
@@ -32,8 +34,8 @@ def ids_of(batch, length):
 
 @pytest.mark.parametrize("name,overrides", DEGENERATE, ids=[d[0] for d in DEGENERATE])
 def test_degenerate_settings_equal_vanilla(name, overrides):
-    vanilla = build("vanilla").eval()
-    model = build(name, **overrides).eval()
+    vanilla = build("vanilla", ponder_init=True).eval()  # the methods' shared init, not the stock default
+    model = build(name, **overrides, embed_scale_rule=vanilla.config.embed_scale_rule).eval()  # same backbone
     model.decoder.load_state_dict(vanilla.decoder.state_dict())
     ids = ids_of(2, 12)
     with torch.no_grad():
@@ -109,7 +111,7 @@ def test_causality(name, overrides):
 
 def test_pause_layout_matches_hand_built_interleaving():
     """x_t then its K pauses, all at RoPE position t, causal in slot order; predict from the K-th pause."""
-    model = build("pause", pause_tokens=2).eval()
+    model = build("pause", pause_tokens=2, pause_token="per_slot").eval()  # vocabulary: test_reference_rules
     dec = model.decoder
     ids = ids_of(1, 5)
     slots, positions = [], []
@@ -125,9 +127,9 @@ def test_pause_layout_matches_hand_built_interleaving():
 
 @pytest.mark.parametrize("top_k", [0, 4])
 def test_pondering_follows_reference_recurrence(top_k):
-    """E^{p+1} = E^p + softmax(logits^p) V, accumulated over every pass, as the reference code does."""
+    """E^{p+1} = E^p + softmax(logits^p) V, accumulated over every pass, as PonderingLM's code does."""
     steps = 3
-    model = build("pondering", ponder_steps=steps, ponder_top_k=top_k).eval()
+    model = build("pondering", ponder_steps=steps, ponder_top_k=top_k, ponder_reference="original").eval()
     dec, scale = model.decoder, model.config.embed_scale
     ids = ids_of(2, 9)
     with torch.no_grad():
@@ -156,7 +158,10 @@ def test_looped_shares_weights_and_pause_adds_only_its_embeddings():
     vanilla = build("vanilla")
     assert build("looped", loops=3).num_params() == vanilla.num_params()
     assert build("pondering", ponder_steps=3).num_params() == vanilla.num_params()
-    assert build("pause", pause_tokens=3).num_params() == vanilla.num_params() + 3 * BASE["d_model"]
+    per_slot = build("pause", pause_tokens=3, pause_token="per_slot")
+    assert per_slot.num_params() == vanilla.num_params() + 3 * BASE["d_model"]
+    # the reference's one vocabulary token: an embedding row and a head row
+    assert build("pause", pause_tokens=3).num_params() == vanilla.num_params() + 2 * BASE["d_model"]
 
 
 @pytest.mark.parametrize("name,overrides", METHODS, ids=IDS)

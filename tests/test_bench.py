@@ -26,11 +26,14 @@ SECTION_KEYS = ("train_throughput", "decode_cache", "pruned_decode", "jacobi_tra
 
 
 def tiny_config(data: DataConfig, **changes) -> BenchConfig:
+    # decode_compile off: compiling takes tens of seconds; tests/test_fast_paths.py tests the compiled step
     return BenchConfig.quick(
         sizes=("pico",), seq_len=16, batch_size=2, warmup=1, repeats=2, decode_size="pico", decode_tokens=6,
-        decode_prompt=4, decode_batches=(1, 2), decode_repeats=1, prune_size="pico", prune_latent_steps=2,
-        prune_kept_steps=1, prune_seq_len=8, prune_batch=2, jacobi_size="pico", jacobi_batch=2,
-        jacobi_repeats=1, peak_matmul_n=64, data=data, **changes)
+        decode_prompt=4, decode_batches=(1, 2), decode_repeats=1, decode_compile=False, prune_size="pico",
+        prune_latent_steps=2, prune_kept_steps=1, prune_seq_len=8, prune_batch=2, jacobi_size="pico",
+        jacobi_batch=2, jacobi_latent_steps=(2,), jacobi_repeats=1, peak_matmul_n=64, threads_method="vanilla",
+        threads_size="pico", threads_batch=2, threads_seq_len=16, threads_steps=1, threads_configs=((1, 1), (2, 1)),
+        data=data, **changes)
 
 
 def _numbers(value):
@@ -77,10 +80,19 @@ def test_every_section_has_finite_positive_numbers(report):
         assert all(math.isfinite(x) for x in _numbers(report[key])), key
     assert [r["size"] for r in report["train_throughput"]] == ["pico"]
     assert [r["batch_size"] for r in report["decode_cache"]] == [1, 2]
-    assert [r["method"] for r in report["jacobi_training"]] == ["vanilla", "ponderlm2", "ponderlm3"]
+    assert [r["variant"] for r in report["jacobi_training"]] == ["vanilla", "ponderlm2 K=2", "ponderlm3 K=2"]
+    assert [r["latent_steps"] for r in report["jacobi_training"]] == [0, 2, 2]
     assert len(report["utilization"]) == 2 + 3
+    # pico is a rung the reference study trains vanilla, PonderLM-2 and PonderLM-3 at: all but HF's judged
+    assert [("target" in r) for r in report["utilization"]] == [True, False, True, True, True]
     assert {t["section"] for t in report["targets"]} == {"train_throughput", "decode_cache", "pruned_decode",
-                                                          "jacobi_training"}
+                                                          "jacobi_training", "utilization"}
+    threads = report["threads"]
+    assert [(r["jobs"], r["threads_per_job"]) for r in threads["rows"]] == [(1, 1), (2, 1)]
+    assert all(len(r["step_seconds"]) == r["jobs"] and r["total_tokens_per_s"] > 0 for r in threads["rows"])
+    assert threads["recommended_threads_per_job"] == {"1": 1, "2": 1}  # the only thread count measured
+    if not torch.cuda.is_available():
+        assert report["gpu"] == {"skipped": "no CUDA device"}
     for t in report["targets"]:  # decoding is judged at 512 generated tokens only
         assert t["met"] is None if t["section"] == "decode_cache" else isinstance(t["met"], bool)
 
@@ -101,8 +113,28 @@ def test_the_measurements_compare_like_with_like(report):
     assert vanilla["flops_ratio"] == 1.0 and 1.0 < p2["flops_ratio"] < p3["flops_ratio"]
     text = format_report(report)
     for heading in ("1. training", "2. cached", "3. ponderlm3 hard-pruned decoding vs ponderlm2", "4. Jacobi",
-                    "5. achieved", "targets met"):
+                    "5. achieved", "6. threads per job", "7. GPU", "targets met"):
         assert heading in text
+
+
+def test_gpu_rows_run_their_machinery_on_any_device():
+    """The GPU section runs only with CUDA; on the CPU (bf16 autocast there too) it still measures what it
+    reports: rates, MFU against the measured peak, and each attention call counted under its SDPA kernel."""
+    from harness.bench.gpu import bench_gpu
+
+    cfg = BenchConfig.quick(gpu_sizes=("pico",), gpu_batch=1, gpu_seq_len=8, gpu_vocab_size=64, gpu_repeats=1,
+                            gpu_peak_n=32, warmup=0)
+    out = bench_gpu(cfg, None, lambda: None, device="cpu")
+    assert out["dtype"] == "bfloat16" and out["peak_matmul"]["flops_per_s"] > 0
+    vanilla, p3 = out["rows"]
+    assert (vanilla["method"], p3["method"], p3["latent_steps"]) == ("vanilla", "ponderlm3", 3)
+    for row in out["rows"]:
+        assert row["tokens_per_s"] > 0 and row["mfu"] == pytest.approx(
+            row["train_flops_per_token"] * row["tokens_per_s"] / out["peak_matmul"]["flops_per_s"])
+    assert vanilla["sdpa_kernels"] == {"flash_attention_for_cpu": 5}  # one call per layer of pico
+    # PonderLM-3 at K=3: 3 init passes, J in {2, 3} Jacobi passes and the final pass, 5 layers each
+    assert list(p3["sdpa_kernels"]) == ["flash_attention_for_cpu"]
+    assert p3["sdpa_kernels"]["flash_attention_for_cpu"] in (5 * 6, 5 * 7)
 
 
 def test_generators_agree_token_for_token(small_data):
@@ -145,7 +177,11 @@ def test_config_and_cli_errors(tmp_path, capsys):
     assert err.startswith("error: ") and "warp" in err and err.count("\n") == 1
     assert main(["bench", "--quick", "--out", str(tmp_path / "missing" / "b.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert set(SECTIONS) == {"train", "decode", "prune", "jacobi"}
+    assert set(SECTIONS) == {"train", "decode", "prune", "jacobi", "threads", "gpu"}
+    with pytest.raises(ConfigError, match="threads_configs"):
+        BenchConfig(threads_configs=((2, 0),))
+    with pytest.raises(ConfigError, match="jacobi_latent_steps"):
+        BenchConfig(jacobi_latent_steps=())
 
 
 # -- the speed changes of models/backbone.py compute what the textbook forms compute --------------

@@ -130,7 +130,7 @@ def test_cli_continued_pretraining_into_ponderlm3_then_export_round_trips(tmp_pa
 
 
 def test_export_vanilla_job_is_a_llama_for_transformers(tmp_path, text_file, capsys):
-    job = Job(method="vanilla", budget=1.0, size="pico",
+    job = Job(method="vanilla", budget=1.0, size="pico", model={"ponder_init": True},
               data=DataConfig(source=str(text_file), vocab_size=300, val_fraction=0.3),
               train=TrainConfig(seq_len=32, batch_size=2, eval_tokens=256, eval_batch_size=4))
     job.budget = 3 * make_model(job, 300).train_flops_per_token(32) * 32 * 2
@@ -181,6 +181,20 @@ def test_export_then_init_from_round_trips_weights(llama, tmp_path, tokenizer, p
             torch.testing.assert_close(back.state_dict()[key], value, rtol=1e-6, atol=0)
         else:
             assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_export_then_init_from_keeps_a_methods_parametrisation(llama, tmp_path):
+    """Pause's own vocabulary row is scaled at use by the method's embedding scale, which export does not fold:
+    loading the export back into pause restores ponder_init and embed_scale_rule, so the function is equal."""
+    _, folder, _ = llama
+    model, _ = _load("pause", folder, ponder_init=True)
+    assert model.config.embed_scale != 1.0
+    hf.export(model, "pause", folder / "tokenizer.json", tmp_path / "out")
+    back, report = _load("pause", tmp_path / "out")
+    assert report["kept_own_init"] == [] and back.config.embed_scale == model.config.embed_scale
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(back.parallel_logits(ids), model.parallel_logits(ids), rtol=1e-5, atol=1e-5)
 
 
 def _one_line_error(capsys, args):

@@ -36,6 +36,17 @@ def test_the_old_ladder_would_have_failed_the_head_share_rule():
     assert lm_head_share("pico", vocab_size=8192) > 1 / 3
 
 
+# LUMIA-Group/PonderLM-2, llama_config/{125m,410m,1.4b}/config.json: hidden_size, num_hidden_layers,
+# intermediate_size of the official models whose shape is a Pythia rung's ("125m" is Pythia-160m's shape)
+PONDERLM2_CONFIGS = {"160m": (768, 12, 2064), "410m": (1024, 24, 2752), "1.4b": (2048, 24, 5504)}
+
+
+@pytest.mark.parametrize("size", sorted(PONDERLM2_CONFIGS))
+def test_pythia_rungs_take_the_reference_mlp_width_where_a_reference_config_exists(size):
+    rung = SIZES[size]
+    assert (rung.d_model, rung.n_layers, rung.d_ff) == PONDERLM2_CONFIGS[size]
+
+
 def test_bits_per_byte_by_hand():
     nll = np.array([1.0, 2.0, 0.5, 3.0])  # nats
     targets = np.array([0, 1, 2, 1])

@@ -50,6 +50,8 @@ LAYERS: dict[str, float] = {
     "harness.lmeval.runner": 5.3,
     # 6: training
     "harness.train": 6,
+    # 6.5: one job on several devices (Ray Train, DDP/FSDP): the step loop of train.py on every rank
+    "harness.distributed": 6.5,
     # 7: planning (and studies), the results store, analysis
     "harness.plan.*": 7,
     "harness.results": 7,

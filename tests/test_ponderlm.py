@@ -80,7 +80,7 @@ def test_eval_mode_is_deterministic_and_training_samples_j():
 
 @pytest.mark.parametrize("name", METHODS)
 def test_zero_latent_steps_equals_vanilla(name):
-    vanilla = build("vanilla")
+    vanilla = build("vanilla", ponder_init=True)  # the methods' shared init, not the stock default
     model = copy_backbone(build(name, latent_steps=0), vanilla)
     ids = torch.randint(0, 64, (2, 10))
     targets = ids.roll(-1, 1)

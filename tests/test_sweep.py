@@ -1,13 +1,12 @@
 """Sweeps: the planner's budget matching, the kill-safe results store, and Ray runs that survive kills.
 
-Ray starts once for this module (slow on 2 cores) and is shut down at its end; the sweeps use the
+Ray starts once for the test session (slow on 2 cores; tests/conftest.py, ``ray_instance``); the sweeps use the
 pico rung on a small corpus with 32-token sequences, so each job trains in a few seconds.
 """
 
 import contextlib
 import glob
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -24,6 +23,9 @@ from harness.sweep import SweepOptions, sweep
 
 TINY = ["data.vocab_size=512", "train.seq_len=32", "train.batch_size=4", "train.checkpoint_every=5",
         "train.log_every=5", "train.eval_tokens=1024"]
+# one extra loop or pause (not the default 3): twice the steps at the budgets below (21 at 9e9), so the kill
+# tests find a job mid-run and a diverging job has the steps to reach nan
+LOOPED_STEPS, PAUSE_STEPS = "looped:loops=1", "pause:pause_tokens=1"
 
 
 def cli(*args, timeout=300):
@@ -36,14 +38,9 @@ def _request(corpus, methods, budget, *extra):
                                 overrides=[f"data.source={corpus}", *TINY, *extra])
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    yield ray
-    ray.shutdown()
+@pytest.fixture
+def ray_local(ray_instance):
+    return ray_instance()  # the session's instance (tests/conftest.py)
 
 
 def _read(path):
@@ -194,7 +191,7 @@ def test_store_appends_from_parallel_processes_stay_whole(tmp_path):
 
 def test_killed_worker_resumes_and_every_job_is_recorded_once(tmp_path, small_corpus, ray_local):
     out = tmp_path / "sweep"
-    request = _request(small_corpus, ["vanilla", "looped"], 9e9)
+    request = _request(small_corpus, ["vanilla", "looped"], 9e9, LOOPED_STEPS)
     victim = {}
 
     def kill_looped_mid_job():
@@ -233,7 +230,8 @@ def test_failed_jobs_are_recorded_and_the_others_finish(tmp_path, small_corpus, 
     out = tmp_path / "sweep"
     # looped diverges (a user error: recorded at once); every worker that runs pause is killed
     # (a crash: retried once, then recorded); vanilla must finish regardless
-    request = _request(small_corpus, ["vanilla", "looped", "pause"], 3e9, "looped:train.lr=1e9")
+    request = _request(small_corpus, ["vanilla", "looped", "pause"], 3e9, "looped:train.lr=1e9", LOOPED_STEPS,
+                       PAUSE_STEPS)
     stop, killed = threading.Event(), set()
 
     def kill_every_pause_worker():
@@ -272,7 +270,8 @@ def test_failed_jobs_are_recorded_and_the_others_finish(tmp_path, small_corpus, 
 def test_sweep_killed_with_sigkill_loses_nothing_and_resumes(tmp_path, small_corpus, ray_local):
     out = tmp_path / "sweep"
     args = ["sweep", "--budget", "9e9", "--methods", "vanilla,looped", "--sizes", "pico", "--out", str(out),
-            "--cpus", "1", "--no-progress", "--set", f"data.source={small_corpus}", *[f"--set={s}" for s in TINY]]
+            "--cpus", "1", "--no-progress", "--set", f"data.source={small_corpus}",
+            *[f"--set={s}" for s in (*TINY, LOOPED_STEPS)]]
     proc = subprocess.Popen([sys.executable, "-m", "harness", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
@@ -301,7 +300,7 @@ def test_sweep_killed_with_sigkill_loses_nothing_and_resumes(tmp_path, small_cor
         time.sleep(0.05)
     assert not (out / "jobs" / interrupted / "result.json").exists()
 
-    outcome = sweep(_request(small_corpus, ["vanilla", "looped"], 9e9),
+    outcome = sweep(_request(small_corpus, ["vanilla", "looped"], 9e9, LOOPED_STEPS),
                     SweepOptions(out=str(out), progress=False, reports=False))
     assert (outcome.skipped, outcome.ok) == (1, 1)
     records = ResultsStore(out).records()
@@ -331,7 +330,7 @@ def test_dead_raylet_costs_no_retries_and_every_job_resumes(tmp_path, small_corp
     if ray.is_initialized():  # this test kills the instance: the sweep must start (and own) its own
         ray.shutdown()
     out = tmp_path / "sweep"
-    request = _request(small_corpus, ["vanilla", "looped"], 9e9)
+    request = _request(small_corpus, ["vanilla", "looped"], 9e9, LOOPED_STEPS)
     victim = {}
 
     def kill_raylet_mid_job():

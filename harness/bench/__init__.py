@@ -1,10 +1,11 @@
-"""``python -m harness bench [--json] [--quick] [--out FILE] [--threads N]``: speed against references.
+"""``python -m harness bench [--json] [--quick] [--out FILE] [--threads N] [--sections ...]``: speed.
 
 One module per benchmark (``train_throughput``, ``decode_cache``, ``pruned_decode``,
-``jacobi_training``); ``common`` holds the configuration, targets, timing and machine info, ``run`` the
-whole run and its tables. Methods take part by the roles they declare (``LanguageModel.bench_roles``).
+``jacobi_training``, ``threads``, ``gpu``); ``common`` holds the configuration, targets, timing and
+machine info, ``run`` the whole run and its tables. Methods take part by the roles they declare
+(``LanguageModel.bench_roles``).
 
-Five measurements, each with the target the project set for it (``targets`` in the JSON says met or
+The measurements, each with the target the project set for it (``targets`` in the JSON says met or
 missed, with the number):
 
 1. ``train_throughput`` -- training-step throughput (forward + backward, tokens/s) of our backbone
@@ -16,7 +17,11 @@ missed, with the number):
 2. ``decode_cache`` -- greedy generation of 512 tokens with the KV cache against recomputing the
    whole prefix for every new token (vanilla). The recomputing baseline runs the blocks over the
    prefix and the LM head on the last position only (computing logits nobody reads would flatter the
-   cache). Both must generate the same tokens (``tokens_agree``). Target: >= 10x, per batch size.
+   cache). Both must generate the same tokens (``tokens_agree``). Where torch.compile can build code
+   (a C++ compiler on CPU), the compiled one-slot step (``Decoder.compile_slot_steps``) is a third
+   contender (``compiled_*``; its first call, which compiles, is timed apart as ``compile_seconds``)
+   and must generate the eager tokens. Target: >= 10x at 512 tokens, per batch size, on the faster
+   cached path (``best_speedup``).
 3. ``pruned_decode`` -- every method with the ``pruned_decoding`` role (PonderLM-3) decoding with hard
    pruning against its declared ``fixed_twin`` (PonderLM-2) at the same K and the same backbone
    weights, through the deployed scoring path (``model.score``). ``force_steps(prune_kept_steps)``
@@ -24,13 +29,20 @@ missed, with the number):
    (measured: ``pruned_fraction``). The FLOPs of both come from the compute ledger. Target: wall-clock
    saving >= 80% of the FLOPs saving.
 4. ``jacobi_training`` -- training-step time of every method with the ``jacobi_training`` role
-   (PonderLM-2 and PonderLM-3, their default K and Jacobi passes) against vanilla, next to the
-   analytic training-FLOPs ratio (``train_flops_per_token``, mean J). Each J the config samples is
-   timed and the times averaged, which is the expected step time under the uniform draw. The ledger's
-   count of one step per J is recorded beside the analytic one. Target: time ratio within 1.25x of the FLOPs ratio.
+   (PonderLM-2 and PonderLM-3 at each K of ``jacobi_latent_steps``, their default Jacobi passes) against
+   vanilla at the reference study's rung and batch (pico, 16 x 128), next to the analytic
+   training-FLOPs ratio (``train_flops_per_token``, mean J). Each J the config samples is timed and the
+   times averaged, which is the expected step time under the uniform draw. The ledger's count of one
+   step per J is recorded beside the analytic one. Target: time ratio within 1.15x of the FLOPs ratio.
 5. ``utilization`` -- achieved training FLOP/s (analytic training FLOPs per token x tokens/s) of every
    training measurement above, as a fraction of this machine's matmul peak, measured in the same run
-   with large float32 matmuls at the same thread count.
+   with large float32 matmuls at the same thread count. Target, at the rungs the reference study
+   (``harness/studies/paper.toml``) trains each method at: vanilla >= 0.60, PonderLM-2/3 >= 0.55.
+6. ``threads`` -- training throughput per job and in total of concurrent jobs (separate processes, as
+   a sweep's workers) at each thread count per job (``threads_configs``), and the thread count per job
+   that maximises the total for each number of concurrent jobs (``recommended_threads_per_job``).
+7. ``gpu`` -- only with CUDA: bf16 training tokens/s and MFU against the device's measured bf16 matmul
+   peak for vanilla and PonderLM-3 at 70m and 160m, and the SDPA kernel every attention call takes.
 
 Timing: every contender is warmed up, then the contenders of one comparison are run in turn
 (A, B, A, B, ...) for ``repeats`` rounds and the median of each is kept, so that a change of machine
@@ -52,12 +64,14 @@ from harness.bench.common import (
                                   time_interleaved,
 )
 from harness.bench.decode_cache import bench_decode_cache, generate_cached, generate_recomputing
+from harness.bench.gpu import bench_gpu
 from harness.bench.jacobi_training import bench_jacobi_training
 from harness.bench.pruned_decode import bench_pruned_decode
 from harness.bench.run import benchmark, format_report, target_rows, utilization_rows
+from harness.bench.threads import bench_threads
 from harness.bench.train_throughput import bench_train_throughput, to_transformers_llama
 
-__all__ = ["SCHEMA_VERSION", "SECTIONS", "BenchConfig", "Timing", "bench_decode_cache", "bench_jacobi_training",
-           "bench_pruned_decode", "bench_train_throughput", "benchmark", "format_report", "generate_cached",
-           "generate_recomputing", "measure_matmul_peak", "methods_with_role", "target_rows", "time_interleaved",
-           "to_transformers_llama", "utilization_rows"]
+__all__ = ["SCHEMA_VERSION", "SECTIONS", "BenchConfig", "Timing", "bench_decode_cache", "bench_gpu",
+           "bench_jacobi_training", "bench_pruned_decode", "bench_threads", "bench_train_throughput", "benchmark",
+           "format_report", "generate_cached", "generate_recomputing", "measure_matmul_peak", "methods_with_role",
+           "target_rows", "time_interleaved", "to_transformers_llama", "utilization_rows"]

@@ -18,14 +18,16 @@ from harness.core.registry import Plugin
 from harness.data import DataConfig
 
 SCHEMA_VERSION = 1
-SECTIONS = ("train", "decode", "prune", "jacobi")
+SECTIONS = ("train", "decode", "prune", "jacobi", "threads", "gpu")
 
 # The targets the project set (see the docstring of harness/bench/__init__.py).
 TARGET_TRAIN_RATIO = 1.0
 TARGET_DECODE_SPEEDUP = 10.0
 TARGET_DECODE_TOKENS = 512  # the decoding target is defined at this generation length
 TARGET_PRUNE_EFFICIENCY = 0.8
-TARGET_JACOBI_OVERHEAD = 1.25
+TARGET_JACOBI_OVERHEAD = 1.15
+# Training FLOP/s as a fraction of the matmul peak (issue "Speed where the studies spend their time")
+TARGET_UTILIZATION = {"vanilla": 0.60, "jacobi": 0.55}
 
 
 
@@ -54,12 +56,30 @@ class BenchConfig:
     prune_kept_steps: int = 1
     prune_seq_len: int = 64
     prune_batch: int = 4
-    # 4. Jacobi training of PonderLM-2/3 against vanilla
-    jacobi_size: str = "tiny"
-    jacobi_batch: int = 8
+    decode_compile: bool = True  # also time the compiled one-slot step (Decoder.compile_slot_steps)
+    # 4. Jacobi training of PonderLM-2/3 against vanilla, at the reference study's rung and shape
+    # (harness/studies/paper.toml: pico, 16 x 128) and K (PonderLM-2 at 1 and 3, PonderLM-3 at 3)
+    jacobi_size: str = "pico"
+    jacobi_batch: int = 16
+    jacobi_latent_steps: tuple[int, ...] = (1, 3)
     jacobi_repeats: int = 3
     # 5. the matmul peak: n x n float32 matmuls
     peak_matmul_n: int = 2048
+    # 6. threads per job: (concurrent jobs, threads per job) configurations of one training job each
+    threads_method: str = "ponderlm3"
+    threads_size: str = "pico"
+    threads_batch: int = 16
+    threads_seq_len: int = 128
+    threads_steps: int = 3
+    threads_configs: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (2, 1), (2, 2))
+    # 7. GPU rows (only with CUDA): bf16 training of these methods at these rungs
+    gpu_methods: tuple[str, ...] = ("vanilla", "ponderlm3")
+    gpu_sizes: tuple[str, ...] = ("70m", "160m")
+    gpu_batch: int = 4
+    gpu_seq_len: int = 1024
+    gpu_vocab_size: int = 50304
+    gpu_repeats: int = 5
+    gpu_peak_n: int = 8192
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
@@ -68,19 +88,29 @@ class BenchConfig:
         if unknown:
             raise ConfigError(f"bench sections {', '.join(unknown)} unknown; choose from {', '.join(SECTIONS)}")
         self.sizes, self.decode_batches = tuple(self.sizes), tuple(self.decode_batches)
-        bad = [s for s in self.sizes if s not in SIZES]
-        if bad:
-            raise ConfigError(f"BenchConfig.sizes: unknown size(s) {', '.join(bad)}; choose from {', '.join(SIZES)}")
+        self.jacobi_latent_steps, self.gpu_sizes = tuple(self.jacobi_latent_steps), tuple(self.gpu_sizes)
+        self.gpu_methods = tuple(self.gpu_methods)
+        self.threads_configs = tuple((int(j), int(t)) for j, t in self.threads_configs)
+        if not self.jacobi_latent_steps or any(k < 1 for k in self.jacobi_latent_steps):
+            raise ConfigError(f"BenchConfig.jacobi_latent_steps={self.jacobi_latent_steps}: give K values >= 1")
+        if not self.threads_configs or any(j < 1 or t < 1 for j, t in self.threads_configs):
+            raise ConfigError(f"BenchConfig.threads_configs={self.threads_configs}: give (jobs, threads) pairs >= 1")
+        for name in ("sizes", "gpu_sizes"):
+            bad = [s for s in getattr(self, name) if s not in SIZES]
+            if bad:
+                raise ConfigError(f"BenchConfig.{name}: unknown size(s) {', '.join(bad)}; "
+                                  f"choose from {', '.join(SIZES)}")
         if not self.decode_batches or any(b < 1 for b in self.decode_batches):
             raise ConfigError(f"BenchConfig.decode_batches={self.decode_batches}: give batch sizes >= 1")
-        for name in ("decode_size", "prune_size", "jacobi_size"):
+        for name in ("decode_size", "prune_size", "jacobi_size", "threads_size"):
             if getattr(self, name) not in SIZES:
                 raise ConfigError(f"BenchConfig.{name}={getattr(self, name)!r}: choose one of {', '.join(SIZES)}")
         if self.warmup < 0:
             raise ConfigError(f"BenchConfig.warmup={self.warmup}: must be >= 0")
         positive = ("repeats", "seq_len", "batch_size", "decode_tokens", "decode_prompt",
                     "decode_repeats", "prune_latent_steps", "prune_seq_len", "prune_batch", "jacobi_batch",
-                    "jacobi_repeats", "peak_matmul_n")
+                    "jacobi_repeats", "peak_matmul_n", "threads_batch", "threads_seq_len", "threads_steps",
+                    "gpu_batch", "gpu_seq_len", "gpu_vocab_size", "gpu_repeats", "gpu_peak_n")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"BenchConfig.{name}={getattr(self, name)!r}: must be positive")
@@ -99,7 +129,9 @@ class BenchConfig:
         """Same measurements on smaller shapes and fewer rounds (under two minutes on two cores)."""
         return cls(**{"profile": "quick", "warmup": 1, "repeats": 3, "seq_len": 64, "batch_size": 8,
                       "decode_tokens": 128, "decode_repeats": 2, "prune_seq_len": 32, "prune_batch": 2,
-                      "jacobi_batch": 4, "jacobi_repeats": 2, "peak_matmul_n": 1024, **changes})
+                      "jacobi_batch": 4, "jacobi_latent_steps": (3,), "jacobi_repeats": 2, "peak_matmul_n": 1024,
+                      "threads_method": "vanilla", "threads_batch": 8, "threads_seq_len": 64,
+                      "gpu_sizes": ("70m",), "gpu_repeats": 3, **changes})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,5 +215,5 @@ def load_average() -> list[float] | None:
 
 
 __all__ = ["BenchConfig", "SCHEMA_VERSION", "SECTIONS", "TARGET_DECODE_SPEEDUP", "TARGET_DECODE_TOKENS",
-           "TARGET_JACOBI_OVERHEAD", "TARGET_PRUNE_EFFICIENCY", "TARGET_TRAIN_RATIO", "Timing", "load_average",
-           "machine_info", "measure_matmul_peak", "methods_with_role", "time_interleaved", "train_step"]
+           "TARGET_JACOBI_OVERHEAD", "TARGET_PRUNE_EFFICIENCY", "TARGET_TRAIN_RATIO", "TARGET_UTILIZATION", "Timing",
+           "load_average", "machine_info", "measure_matmul_peak", "methods_with_role", "time_interleaved", "train_step"]

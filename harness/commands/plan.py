@@ -1,4 +1,5 @@
-"""``python -m harness plan``: the jobs a sweep would run (a budget or a study), with time estimates.
+"""``python -m harness plan``: the jobs a sweep would run (a budget or a study), with time estimates, each
+method's training recipe per rung and the rungs skipped where a method's config is invalid.
 
 The request arguments are shared with ``sweep`` (:func:`add_request_arguments`).
 """
@@ -9,6 +10,7 @@ import argparse
 import json
 
 from harness.core.errors import ConfigError
+from harness.distributed import PARALLEL
 from harness.plan import GPU_TABLE, MATCH_MODES, PlanRequest, format_plan, make_plan, study
 from harness.plan.planning import DEFAULT_RUNGS
 
@@ -37,13 +39,22 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra jobs per value (e.g. ponderlm3:compute_penalty=0.003,0.01,0.03)")
     parser.add_argument("--gpu", default=None, help=f"estimate on a named GPU: {', '.join(GPU_TABLE)}")
     parser.add_argument("--mfu", type=float, default=None, help="assumed utilisation for the estimate")
-    parser.add_argument("--workers", type=int, default=None, help="jobs at once for the wall-time estimate")
+    parser.add_argument("--workers", type=int, default=None, help="devices (GPUs, or CPU job slots) for the wall-time "
+                        "estimate; jobs at once: this / --devices-per-job")
     parser.add_argument("--cpus-per-job", type=int, default=1, help="CPU cores (threads) per job")
+    parser.add_argument("--devices-per-job", type=int, default=None, metavar="N",
+                        help="train each job on N devices through Ray Train (GPUs, else CPU workers of "
+                             "--cpus-per-job CPUs each); the plan's hours are then wall hours on N devices and its "
+                             "memory per device; default: the study's devices_per_job, else 1")
+    parser.add_argument("--parallel", choices=PARALLEL, default=None,
+                        help="with --devices-per-job: ddp (data-parallel, default) or fsdp (sharded parameters, "
+                             "gradients and optimizer state, for jobs that do not fit one device)")
 
 
 def request_from_args(args: argparse.Namespace, loaded: study.Study | None = None) -> PlanRequest:
     """The plan request of the command line, or of ``loaded`` with the flags given winning."""
     hardware = {"mfu": args.mfu, "workers": args.workers, "cpus_per_job": args.cpus_per_job}
+    devices = {"devices_per_job": args.devices_per_job, "parallel": args.parallel}
     if loaded is not None:
         if args.vary:
             raise ConfigError(f"--vary does not combine with --study {loaded.name}: add the values to an arm's "
@@ -52,12 +63,14 @@ def request_from_args(args: argparse.Namespace, loaded: study.Study | None = Non
             hardware["gpu"] = args.gpu
         return loaded.request(budget=args.budget, match=args.match, sizes=csv_list(args.sizes), seeds=args.seeds,
                               overrides=list(args.overrides), methods=csv_list(args.methods),
-                              rungs=args.rungs or DEFAULT_RUNGS, **hardware)
+                              rungs=args.rungs or DEFAULT_RUNGS, **devices, **hardware)
     if args.budget is None:
         raise ConfigError("give --budget FLOPS (e.g. --budget 1e12) or --study NAME")
     return PlanRequest(budget=args.budget, methods=csv_list(args.methods), sizes=csv_list(args.sizes),
                        rungs=args.rungs or DEFAULT_RUNGS, match=args.match or "train-flops", seeds=args.seeds or 1,
-                       overrides=list(args.overrides), vary=list(args.vary), gpu=args.gpu, **hardware)
+                       overrides=list(args.overrides), vary=list(args.vary), gpu=args.gpu,
+                       devices_per_job=1 if args.devices_per_job is None else args.devices_per_job,
+                       parallel=args.parallel or "ddp", **hardware)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,8 @@
 """``python -m harness sweep``: a study or a budget, on Ray; resumable; writes runs, plots, tables and claims.
 
 ``python -m harness sweep [--study NAME] [--budget FLOPS] [--methods a,b] [--seeds N] [--out DIR]
-[--address ADDR] [--dry-run] [--yes] [--match train-flops|tokens] [--tasks arc_easy,...] [--set k=v ...]``
+[--address ADDR] [--devices-per-job N [--parallel ddp|fsdp]] [--dry-run] [--yes] [--match train-flops|tokens]
+[--tasks arc_easy,...] [--set k=v ...]``
 
 Without ``--study`` or ``--budget`` it runs the study ``quick`` (harness/studies/quick.toml): the
 default main job, under 15 minutes on a 2-core CPU, evaluation included.
@@ -56,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     num_fewshot = args.num_fewshot if args.num_fewshot is not None else (loaded.num_fewshot if loaded else 0)
     out = args.out or (os.path.join("results", f"study_{loaded.name}") if loaded
                        else _default_out(request.budget, request.match))
-    options = SweepOptions(
+    options = SweepOptions(  # the request holds --devices-per-job/--parallel, or the study's values
         out=out, address=args.address, cpus=args.cpus, cpus_per_job=args.cpus_per_job, retries=args.retries,
+        devices_per_job=request.devices_per_job, parallel=request.parallel,
         tasks=tasks, num_fewshot=num_fewshot, task_limit=task_limit, dry_run=args.dry_run, yes=args.yes,
         progress=not args.no_progress, verbose=args.verbose, study_text=loaded.text if loaded else None)
     outcome = sweep(request, options)

@@ -1,4 +1,9 @@
-"""``python -m harness train``: one job (method, size, budget, seed), trained and evaluated."""
+"""``python -m harness train``: one job (method, size, budget, seed), trained and evaluated.
+
+``--devices N`` (N > 1) trains it on N devices through Ray Train (:mod:`harness.distributed`,
+``--parallel ddp|fsdp``; ``--address`` joins a Ray cluster); the job, its id and its folder are the same
+at any N.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,10 @@ from harness.core import registry
 from harness.core.config import dataclass_from
 from harness.core.errors import ConfigError
 from harness.data import DataConfig
+from harness.distributed import PARALLEL, RunOptions, check_devices, train_distributed
 from harness.job import Job, TrainConfig, parse_overrides
 from harness.plan import CONFIRM_HOURS, SCALES, detect_hardware
+from harness.plan.hardware import job_hours
 from harness.train import train_job
 
 
@@ -31,6 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="start over even if OUT holds another job")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--yes", action="store_true", help="train even if the budget exceeds this hardware")
+    parser.add_argument("--devices", type=int, default=1, metavar="N",
+                        help="train on N devices through Ray Train: GPUs where the Ray cluster has them, else CPU "
+                             "workers (gloo); train.batch_size must be divisible by N (default 1: this process)")
+    parser.add_argument("--parallel", choices=PARALLEL, default="ddp",
+                        help="with --devices N: ddp (every device holds the model) or fsdp (parameters, gradients "
+                             "and optimizer state sharded over the devices)")
+    parser.add_argument("--address", default=None,
+                        help="with --devices N: the Ray cluster to join (default: RAY_ADDRESS, else a local "
+                             "instance); the --out folder must be on storage every node sees")
+    parser.add_argument("--cpus-per-device", type=int, default=1,
+                        help="with --devices N on CPUs: CPU cores (torch threads) per worker")
 
 
 def job_from_args(args: argparse.Namespace) -> Job:
@@ -51,8 +69,17 @@ def run(args: argparse.Namespace) -> int:
         hf.model_config(plugin, job.init_from, job.model)
     else:
         plugin.make_config(job.size, job.model)
-    check_feasible(job, args.yes)
-    result = train_job(job, args.out, progress=not args.no_progress, force=args.force)
+    if args.devices > 1:
+        options = RunOptions(devices=args.devices, parallel=args.parallel, address=args.address,
+                             cpus_per_worker=args.cpus_per_device)
+        check_devices(job.train, args.devices)
+        check_feasible(job, args.yes, args.devices)
+        result = train_distributed(job, args.out, options, progress=not args.no_progress, force=args.force)
+    else:
+        if args.devices < 1:
+            raise ConfigError(f"--devices {args.devices}: must be at least 1")
+        check_feasible(job, args.yes)
+        result = train_job(job, args.out, progress=not args.no_progress, force=args.force)
     if result.get("flops_warning"):
         print(f"warning: {result['flops_warning']}", file=sys.stderr)
     keys = ("method", "size", "params", "train_tokens", "train_flops", "val_loss", "val_ppl",
@@ -64,16 +91,17 @@ def run(args: argparse.Namespace) -> int:
 SURE_RATE = 1e8  # training FLOP/s that any machine reaches: budgets done within CONFIRM_HOURS at it skip the probe
 
 
-def check_feasible(job: Job, yes: bool) -> None:
+def check_feasible(job: Job, yes: bool, devices: int = 1) -> None:
     """Stop (ConfigError, before anything is written) when the budget needs more than CONFIRM_HOURS here.
 
     The rate is the plan's (harness.plan.hardware.detect_hardware: a measured matmul rate x an assumed
-    utilisation), optimistic for small models: the estimate errs towards starting.
+    utilisation), optimistic for small models: the estimate errs towards starting. N devices train at N
+    times that rate times an assumed scaling efficiency (harness.plan.hardware.job_hours).
     """
-    if yes or job.budget <= CONFIRM_HOURS * 3600 * SURE_RATE:
+    if yes or job.budget <= CONFIRM_HOURS * 3600 * SURE_RATE * devices:
         return
     hardware = detect_hardware(SCALES["pythia"], job.train, 50304, workers=1)
-    hours = job.budget / hardware.flops_per_second / 3600
+    hours = job_hours(job.budget, hardware, devices)
     if hours > CONFIRM_HOURS:
         raise ConfigError(f"--budget {job.budget:.3g} FLOPs needs ~{hours:,.3g} h of training on this hardware "
                           f"(at most {hardware.flops_per_second:.3g} FLOP/s: {hardware.basis}); lower --budget, "

@@ -39,15 +39,19 @@ def _swiglu_width(d_model: int, multiple: int = 64) -> int:
 # nano 0.22, micro 0.17, tiny 0.13; harness.plan.ladder.lm_head_share, checked in tests), as at the
 # paper's 410M where it is ~15%. n_layers - 2 is a multiple of 3 so Mixture-of-Recursions can share
 # (L-2)/3 layers between unshared first and last layers. Block parameters stay under 1.7M so a 2-core
-# machine trains each rung in minutes. The Pythia rungs copy Pythia's width, depth and heads
-# (LLaMA-style MLP of equal parameter count).
+# machine trains each rung in minutes. The Pythia rungs copy Pythia's width, depth and heads with a SwiGLU
+# MLP of equal parameter count (LLaMA's 8/3 rule). Its width is the official PonderLM-2 configs'
+# intermediate_size where they have a model of that shape (LUMIA-Group/PonderLM-2, llama_config/*/config.json:
+# "125m" is our 160m, 2064; 410m 2752 and 1.4b 5504 equal the rule; their 1.4b has 32 heads to Pythia's 16,
+# and their "2.8b" is 2048 x 48 layers, not Pythia's 2560 x 32). Those configs' rms_norm_eps 0.1 and their
+# scripts' optimiser settings are the plan's Pythia scale (harness/plan/ladder.py), not part of a rung.
 SIZES: dict[str, Size] = {
     "pico": Size(d_model=64, n_layers=5, n_heads=4, d_ff=176),
     "nano": Size(d_model=64, n_layers=8, n_heads=4, d_ff=176),
     "micro": Size(d_model=96, n_layers=8, n_heads=4, d_ff=256),
     "tiny": Size(d_model=128, n_layers=8, n_heads=4, d_ff=352),
     "70m": Size(d_model=512, n_layers=6, n_heads=8, d_ff=_swiglu_width(512)),
-    "160m": Size(d_model=768, n_layers=12, n_heads=12, d_ff=_swiglu_width(768)),
+    "160m": Size(d_model=768, n_layers=12, n_heads=12, d_ff=2064),
     "410m": Size(d_model=1024, n_layers=24, n_heads=16, d_ff=_swiglu_width(1024)),
     "1b": Size(d_model=2048, n_layers=16, n_heads=8, d_ff=_swiglu_width(2048)),
     "1.4b": Size(d_model=2048, n_layers=24, n_heads=16, d_ff=_swiglu_width(2048)),
@@ -58,6 +62,8 @@ PYTHIA_SIZES = ("70m", "160m", "410m", "1b", "1.4b", "2.8b")
 #: BPE vocabulary of the CPU rungs (DataConfig's default and the CPU plan scale's): small enough that the
 #: LM head stays under 1/3 of the forward FLOPs at every CPU rung (see SIZES).
 CPU_VOCAB_SIZE = 2048
+#: ModelConfig.embed_scale_rule -> c of the embedding scale sqrt(c d) (reference files in the field's comment)
+EMBED_SCALE_RULES: dict[str, float] = {"sqrt(2.5d)": 2.5, "sqrt(d)": 1.0}
 
 
 @dataclass
@@ -72,12 +78,18 @@ class ModelConfig:
     d_ff: int = 176
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    # PonderLM-2's reference init: token embeddings scaled by sqrt(2.5 d) and weights ~ N(0, 2/(5d)),
-    # output projections further / sqrt(2L). Embeddings then have unit RMS, like the post-norm hidden
-    # states fed back as latent thoughts. On for every method so they share one init (docs/design.md, "Backbone");
-    # off = plain LLaMA (std init_std, unscaled embeddings), which is what transformers computes.
+    # The reference init of the PonderLM-2 repository (every modeling_llama*.py, ``_init_weights``): weights
+    # ~ N(0, 2/(5d)) truncated at +-3 std, output projections (o_proj, down_proj) further / sqrt(2L), and
+    # token embeddings scaled at lookup by sqrt(c d), c = ``embed_scale_rule``. On for every method so they
+    # share one init (docs/design.md, "Backbone"); off = plain LLaMA (N(0, init_std), unscaled embeddings),
+    # which is what transformers computes.
     ponder_init: bool = True
     init_std: float = 0.02  # used when ponder_init is off
+    # Under ponder_init: "sqrt(2.5d)" (PonderLM-2's modeling_llama.py with interpolation off, as its scripts
+    # run it, and modeling_llama_loop.py: embeddings of unit RMS, like the post-norm hidden states fed back)
+    # or "sqrt(d)" (modeling_llama_orin.py = PonderLM-1, modeling_llama_pause.py). Each method's config sets
+    # its reference's value; this default is PonderLM-2's.
+    embed_scale_rule: str = "sqrt(2.5d)"
 
     #: one-line description shown by ``python -m harness list``; set by each method's config.
     summary: ClassVar[str] = "LLaMA-style decoder backbone"
@@ -96,6 +108,8 @@ class ModelConfig:
         require(self, "rope_theta", self.rope_theta > 0, "must be positive")
         require(self, "norm_eps", self.norm_eps > 0, "must be positive")
         require(self, "init_std", self.init_std > 0, "must be positive")
+        require(self, "embed_scale_rule", self.embed_scale_rule in EMBED_SCALE_RULES,
+                f"must be one of {', '.join(EMBED_SCALE_RULES)} (token embeddings x sqrt(c d) under ponder_init)")
 
     @property
     def head_dim(self) -> int:
@@ -107,8 +121,16 @@ class ModelConfig:
         return math.sqrt(2.0 / (5.0 * self.d_model)) if self.ponder_init else self.init_std
 
     @property
+    def output_std(self) -> float:
+        """Init std of the residual branches' output projections (o_proj, down_proj): weight_std / sqrt(2L)
+        under ponder_init (the reference ``_init_weights``), else init_std."""
+        return self.weight_std / math.sqrt(2.0 * self.n_layers) if self.ponder_init else self.init_std
+
+    @property
     def embed_scale(self) -> float:
-        return math.sqrt(2.5 * self.d_model) if self.ponder_init else 1.0
+        """Token embeddings are multiplied by this at lookup: sqrt(c d) per ``embed_scale_rule`` under
+        ponder_init, else 1."""
+        return math.sqrt(EMBED_SCALE_RULES[self.embed_scale_rule] * self.d_model) if self.ponder_init else 1.0
 
     # -- construction helpers -------------------------------------------------------------------
 
@@ -207,5 +229,5 @@ def coerce(cls: type, name: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"{cls.__name__}.{name}: cannot parse {value!r} as {_type_name(tp)}")
 
 
-__all__ = ["CPU_SIZES", "CPU_VOCAB_SIZE", "ConfigError", "ModelConfig", "PYTHIA_SIZES", "SIZES", "Size", "coerce",
-           "dataclass_from", "field", "require"]
+__all__ = ["CPU_SIZES", "CPU_VOCAB_SIZE", "ConfigError", "EMBED_SCALE_RULES", "ModelConfig", "PYTHIA_SIZES", "SIZES",
+           "Size", "coerce", "dataclass_from", "field", "require"]

@@ -1,7 +1,8 @@
 """Budget planning: the jobs a sweep at a training-FLOPs budget runs, and what they need.
 
 ``python -m harness plan --budget FLOPS [--methods a,b] [--sizes s1,s2] [--match train-flops|tokens]
-[--seeds N] [--rungs N] [--gpu h100] [--json] [--set k=v ...] [--vary METHOD:FIELD=v1,v2]``
+[--seeds N] [--rungs N] [--gpu h100] [--devices-per-job N [--parallel ddp|fsdp]] [--json] [--set k=v ...]
+[--vary METHOD:FIELD=v1,v2]``
 
 Decisions (each is printed with the plan):
 
@@ -11,16 +12,19 @@ Decisions (each is printed with the plan):
 * **Scale.** Two settings of the shared ladder (``harness/core/config.py``; the scales are in
   :mod:`harness.plan.ladder`): the CPU rungs (pico..tiny) train with ``TrainConfig``'s defaults
   (``harness/job.py``: sequences of 128 tokens, 16 per step, BPE vocabulary 8192); the Pythia rungs
-  (70m..2.8b) with Pythia's recipe on one GPU per job: sequences of 2048 tokens, 1024 per step as
-  Pythia (2M tokens), taken as 128 micro-batches of 8 (``train.grad_accum``), Pythia's learning
-  rate for the rung, 1% warm-up, cosine to 10%, weight decay 0.01, and a 50,304-token vocabulary
-  (Pythia's padded size). A sweep uses one scale: the one holding vanilla's Chinchilla-closest rung at
-  this budget (below).
+  (70m..2.8b) on one GPU per job with sequences of 2048 tokens, 1024 per step as Pythia (2M tokens),
+  taken as 128 micro-batches of 8 (``train.grad_accum``), Pythia's learning rate for the rung, a
+  50,304-token vocabulary (Pythia's padded size) and the official PonderLM-2 recipe: RMSNorm eps 0.1,
+  AdamW (0.9, 0.95), 2% warm-up, cosine to 10%, and each method's reference weight decay
+  (``LanguageModel.reference_weight_decay``; sources in :mod:`harness.plan.ladder`). The plan prints
+  these per method and rung. A sweep uses one scale: the one holding vanilla's Chinchilla-closest rung
+  at this budget (below).
 * **Sizes (an IsoFLOP ladder per method).** Unless ``--sizes`` is given, each method gets the
   ``--rungs`` (default 3) rungs of that scale whose Chinchilla-optimal tokens (20 x total parameters,
   Hoffmann et al. 2022 count embeddings) are closest, in log ratio, to the tokens the budget buys the
   method at that rung. A method that costs more per token therefore lands on smaller rungs. Rungs a
-  method cannot be built at (a config error) are skipped and listed.
+  method cannot be built at (a config error, e.g. MoR's (L-2)/R not whole) are skipped, one line each
+  naming the method, the rung and the reason; the other jobs stand.
 * **Matching.** ``--match train-flops`` (default): every job trains with the budget's FLOPs, so a
   method that costs more per token sees fewer tokens. ``--match tokens`` (the papers' protocol): every
   method trains on the tokens the budget buys vanilla at the same rung (and on vanilla's rungs); its
@@ -36,7 +40,10 @@ Decisions (each is printed with the plan):
   Evaluation time is not included. Wall time spreads the jobs over the workers (longest first). Memory
   is a rough per-job estimate: 16 bytes per parameter (fp32 weights, gradients, AdamW moments), Korthikanti
   et al.'s 34 bytes x seq x batch x d_model x layers of bf16 activations (flash attention) scaled by the
-  method's training FLOPs over vanilla's, and the logits.
+  method's training FLOPs over vanilla's, and the logits. With ``--devices-per-job N`` hours are wall
+  hours on N devices and memory is per device (:mod:`harness.plan.hardware`); on a GPU a job that does
+  not fit one device gets a note with the devices it needs, and one note the ``--devices-per-job N
+  --parallel X`` on which every job fits.
 * **Overrides.** ``--set KEY=VALUE`` applies to every job (``train.X``, ``data.X`` or a model field);
   ``--set METHOD:KEY=VALUE`` to one method only; ``--vary METHOD:FIELD=v1,v2`` adds one job per value
   (e.g. PonderLM-3's compute penalty, whose sweep traces its Pareto curve), tagged ``variant``.

@@ -40,7 +40,7 @@ class Hardware:
     flops_per_second: float  # achieved training FLOP/s of one job
     basis: str  # how flops_per_second was obtained, stated with the plan
     memory_bytes: float | None  # per device; None on CPU
-    workers: int
+    workers: int  # devices (GPUs, or CPU job slots): jobs at once when each takes one, fewer with --devices-per-job
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,6 +129,77 @@ def detect_hardware(scale: Scale, train: TrainConfig, vocab_size: int, *, gpu: s
 
 
 # ---------------------------------------------------------------------------------------------------
-# counting
+# one job on several devices (harness/distributed.py): hours, memory per device, what to suggest
+
+SCALING_EFFICIENCY = 0.9  # assumed share of N x one device's rate that a job on N > 1 devices reaches
+STATE_BYTES_PER_PARAM = 16.0  # fp32 weights and gradients and AdamW's two moments (the plan's memory estimate)
+MAX_DEVICES_PER_JOB = 8  # what a suggestion may ask for: one node of 8 GPUs
+PARALLEL_PREFERENCE = ("ddp", "fsdp")  # at equal N, DDP first: it moves the gradients once, FSDP also the weights
 
 
+def job_hours(train_flops: float, hardware: Hardware, devices: int = 1) -> float:
+    """Wall-clock hours of one job on ``devices`` devices of ``hardware``; its device-hours are this x devices.
+
+    N devices train the same global batch N times as fast, times :data:`SCALING_EFFICIENCY` (gradient
+    communication is not modelled beyond that).
+    """
+    rate = hardware.flops_per_second * devices * (SCALING_EFFICIENCY if devices > 1 else 1.0)
+    return train_flops / rate / 3600.0
+
+
+def concurrent_jobs(workers: int, devices: int = 1) -> int:
+    """Jobs that run at once on ``workers`` devices when each takes ``devices`` (the plan's wall time)."""
+    return max(1, workers // max(1, devices))
+
+
+def memory_per_device(memory_bytes: float, params: int, devices: int = 1, parallel: str = "ddp",
+                      unsharded_params: int = 0) -> float:
+    """Peak bytes per device of a job whose one-device estimate is ``memory_bytes``.
+
+    The one-device estimate (harness.plan.planning: 16 bytes per parameter of weights, gradients and AdamW
+    moments, plus the activations and logits of one micro-batch) splits as harness/distributed.py runs it:
+    every micro-batch is divided over the N devices, so activations and logits divide by N; DDP keeps all
+    parameter states on every device, FSDP divides them by N too, but holds the parameters of the unit it is
+    running unsharded, with their gradients (``unsharded_params``: for the plan, the root's embeddings and
+    head, which stay gathered through the step; a block's are smaller and left out).
+    """
+    if devices <= 1:
+        return memory_bytes
+    states = STATE_BYTES_PER_PARAM * params
+    rest = max(0.0, memory_bytes - states)
+    if parallel == "ddp":
+        return states + rest / devices
+    return states / devices + 8.0 * unsharded_params + rest / devices
+
+
+def suggest_devices(memory_bytes: float, params: int, device_memory: float, batch_size: int, *,
+                    unsharded_params: int = 0, max_devices: int = MAX_DEVICES_PER_JOB) -> tuple[int, str] | None:
+    """The fewest devices, and the strategy, on which the job fits ``device_memory`` per device.
+
+    N runs over the divisors of ``train.batch_size`` up to ``max_devices`` (a micro-batch splits evenly
+    over the devices), DDP before FSDP at each N. None when nothing fits: the micro-batch must shrink.
+    """
+    for devices in range(1, max_devices + 1):
+        if batch_size % devices:
+            continue
+        for parallel in PARALLEL_PREFERENCE:
+            if memory_per_device(memory_bytes, params, devices, parallel, unsharded_params) <= device_memory:
+                return devices, parallel
+    return None
+
+
+def devices_note(name: str, memory_bytes: float, params: int, hardware: Hardware, batch_size: int,
+                 unsharded_params: int = 0) -> str | None:
+    """One plan note for a job that does not fit one device of ``hardware``, None when it fits (or on a CPU)."""
+    if not hardware.memory_bytes or memory_bytes <= hardware.memory_bytes:
+        return None
+    need = (f"{name} needs ~{memory_bytes / 1e9:.0f} GB, more than one {hardware.name}'s "
+            f"{hardware.memory_bytes / 1e9:.0f} GB")
+    found = suggest_devices(memory_bytes, params, hardware.memory_bytes, batch_size, unsharded_params=unsharded_params)
+    if found is None:
+        return (f"{need}, even split over {MAX_DEVICES_PER_JOB} devices: lower its train.batch_size "
+                "(METHOD:train.batch_size=N, raising train.grad_accum keeps the batch)")
+    devices, parallel = found
+    per_device = memory_per_device(memory_bytes, params, devices, parallel, unsharded_params)
+    return (f"{need}: run it with --devices-per-job {devices} --parallel {parallel} (~{per_device / 1e9:.0f} GB "
+            "per device; the job and its id stay the same)")

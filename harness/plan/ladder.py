@@ -21,32 +21,62 @@ REFERENCE_METHOD = "vanilla"  # whose tokens --match tokens gives every method, 
 
 @dataclass(frozen=True)
 class Scale:
-    """One setting of the size ladder: its rungs and the training/data defaults its jobs use."""
+    """One setting of the size ladder: its rungs and the training/data/model defaults its jobs use.
+
+    A user's ``--set`` wins over every default here.
+    """
 
     name: str
     sizes: tuple[str, ...]
-    train: dict[str, Any]  # TrainConfig fields (user --set train.X wins)
+    train: dict[str, Any]  # TrainConfig fields
     vocab_size: int  # BPE vocabulary when the data uses the default tokenizer
     description: str
     size_train: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-rung TrainConfig fields
+    model: dict[str, Any] = field(default_factory=dict)  # model-config fields of every job (e.g. norm_eps)
+    method_weight_decay: bool = False  # each method's LanguageModel.reference_weight_decay replaces train's
+
+    def train_defaults(self, size: str, method: str) -> dict[str, Any]:
+        """TrainConfig fields a job of ``method`` at ``size`` starts from, before the user's ``--set``."""
+        values = {**self.train, **self.size_train.get(size, {})}
+        if self.weight_decay_source(method) == "method":
+            values["weight_decay"] = registry.get(method).cls.reference_weight_decay
+        return values
+
+    def weight_decay_source(self, method: str) -> str:
+        """Where :meth:`train_defaults` takes the weight decay from: "method" or "scale"."""
+        if self.method_weight_decay and registry.get(method).cls.reference_weight_decay is not None:
+            return "method"
+        return "scale"
 
 
-# Pythia (Biderman et al. 2023, table of hyper-parameters): learning rate per model size.
+# Pythia (Biderman et al. 2023, table of hyper-parameters): learning rate per model size. The PonderLM-2
+# scripts use the same at the rungs they train (scripts/train_*_llama_410m.sh 3e-4, *_1_4b.sh 2e-4).
 PYTHIA_LR = {"70m": 1e-3, "160m": 6e-4, "410m": 3e-4, "1b": 3e-4, "1.4b": 2e-4, "2.8b": 1.6e-4}
+
+# The Pythia scale reproduces the official PonderLM-2 recipe (LUMIA-Group/PonderLM-2): its Llama configs'
+# rms_norm_eps 0.1 (llama_config/{125m,410m,1.4b,2.8b}/config.json; vocabulary 50304 and untied embeddings,
+# as every rung here) and its training scripts' AdamW betas (0.9, 0.95), warmup_ratio 0.02, cosine_with_min_lr
+# to min_lr_rate 0.1 and max_grad_norm 1.0 (the trainer's default). Weight decay is per method in the scripts
+# (scripts/*.sh: 0.1 for PonderLM-2, loop and pause; 0.01 for PonderLM and vanilla), so each method declares
+# its own as LanguageModel.reference_weight_decay (models/base.py): PonderLM-3 takes PonderLM-2's, MoR its
+# own configs' 0.1, gated adaptive depth (no public recipe) PonderLM-1's 0.01; a method that declares none
+# gets vanilla's 0.01. The batch stays Pythia's 1024 x 2048 tokens (the scripts take 64 x 2048 per step).
+PYTHIA_TRAIN = {"seq_len": 2048, "batch_size": 8, "grad_accum": 128, "warmup_fraction": 0.02, "min_lr_ratio": 0.1,
+                "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.01, "grad_clip": 1.0, "eval_tokens": 262144,
+                "eval_batch_size": 8, "checkpoint_every": 1000}
+PYTHIA_MODEL = {"norm_eps": 0.1}
 
 SCALES: dict[str, Scale] = {
     "cpu": Scale("cpu", CPU_SIZES, {}, CPU_VOCAB_SIZE,
                  "CPU rungs, TrainConfig defaults: seq_len 128, 16 sequences per step, "
                  f"BPE vocabulary {CPU_VOCAB_SIZE}"),
     "pythia": Scale(
-        "pythia", PYTHIA_SIZES,
-        {"seq_len": 2048, "batch_size": 8, "grad_accum": 128, "warmup_fraction": 0.01, "min_lr_ratio": 0.1,
-         "weight_decay": 0.01, "eval_tokens": 262144, "eval_batch_size": 8, "checkpoint_every": 1000},
-        50304,
-        "Pythia rungs: seq_len 2048, 1024 sequences (2M tokens) per step as Pythia, in 128 micro-batches of "
-        "8 on one GPU per job, Pythia's lr per rung, 1% warm-up, cosine "
-        "to 10%, weight decay 0.01, vocabulary 50304 (Pythia's padded size)",
-        {size: {"lr": lr} for size, lr in PYTHIA_LR.items()}),
+        "pythia", PYTHIA_SIZES, PYTHIA_TRAIN, 50304,
+        "Pythia rungs with PonderLM-2's recipe: seq_len 2048, 1024 sequences (2M tokens) per step as Pythia, "
+        "in 128 micro-batches of 8 on one GPU per job, Pythia's lr per rung, AdamW (0.9, 0.95), 2% warm-up, "
+        "cosine to 10%, each method's reference weight decay (else 0.01), RMSNorm eps 0.1, vocabulary 50304 "
+        "(Pythia's padded size)",
+        {size: {"lr": lr} for size, lr in PYTHIA_LR.items()}, PYTHIA_MODEL, method_weight_decay=True),
 }
 
 

@@ -13,14 +13,26 @@ from harness.core import registry
 from harness.core.config import SIZES, dataclass_from
 from harness.core.errors import ConfigError, PlanError
 from harness.data import DataConfig, Tokenizer
+from harness.distributed import PARALLEL, check_devices
 from harness.job import Job, TrainConfig, parse_overrides
-from harness.plan.hardware import Hardware, detect_hardware
+from harness.plan.hardware import (
+    MAX_DEVICES_PER_JOB,
+    PARALLEL_PREFERENCE,
+    Hardware,
+    concurrent_jobs,
+    detect_hardware,
+    devices_note,
+    job_hours,
+    memory_per_device,
+    suggest_devices,
+)
 from harness.plan.ladder import CHINCHILLA_TOKENS_PER_PARAM, REFERENCE_METHOD, SCALES, Counts, Scale, count, scale_of
 
 MIN_STEPS = 25  # |round(x) - x| <= 0.5, so 25 steps keep training FLOPs within 2% of the budget
 BUDGET_TOLERANCE = 0.02
 DEFAULT_RUNGS = 3
 MATCH_MODES = ("train-flops", "tokens")
+RECIPE_FIELDS = ("lr", "warmup_fraction", "min_lr_ratio", "beta1", "beta2", "weight_decay")  # of TrainConfig
 
 @dataclass
 class Arm:
@@ -55,6 +67,8 @@ class PlanRequest:
     vocab_size: int | None = None  # the tokenizer's real size when the caller knows it (the sweep)
     arms: list[Arm] | None = None  # a study's arms; replaces methods and vary
     reference_size: str | None = None  # tokens mode: every job gets the tokens vanilla buys at this rung
+    devices_per_job: int = 1  # each job on N devices (harness/distributed.py): its hours and memory per device
+    parallel: str = "ddp"  # with devices_per_job > 1: ddp | fsdp
 
     def __post_init__(self) -> None:
         if not (isinstance(self.budget, (int, float)) and self.budget > 0 and math.isfinite(self.budget)):
@@ -73,6 +87,10 @@ class PlanRequest:
             raise ConfigError("a study's arms replace --methods and --vary; give one or the other")
         if self.reference_size is not None and self.match != "tokens":
             raise ConfigError(f"reference size {self.reference_size!r} needs --match tokens")
+        if not (isinstance(self.devices_per_job, int) and self.devices_per_job >= 1):
+            raise ConfigError(f"--devices-per-job {self.devices_per_job!r}: must be a whole number of at least 1")
+        if self.parallel not in PARALLEL:
+            raise ConfigError(f"--parallel {self.parallel!r}: choose {' or '.join(PARALLEL)}")
 
 
 @dataclass
@@ -95,8 +113,10 @@ class PlannedJob:
     train_flops: float  # steps x batch x seq_len x FLOPs per token: what the trainer will run
     budget_error: float  # train_flops / sweep budget - 1 (train-flops mode); 0 by construction in tokens mode
     chinchilla_tokens: float
-    hours: float
-    memory_bytes: float
+    hours: float  # wall-clock hours on the request's devices_per_job devices (its device-hours: x that)
+    memory_bytes: float  # peak bytes per device on those devices
+    norm_eps: float  # the model's, resolved (the scale's default, a --set or the config's)
+    weight_decay_from: str  # "method" (its reference recipe), "scale" or "--set"
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k != "job"}
@@ -111,17 +131,26 @@ class Plan:
     hardware: Hardware
     vocab_size: int
     jobs: list[PlannedJob]
-    skipped: list[str]  # "method/size: reason"
+    skipped: list[str]  # "method [variant] at size: reason" (e.g. its config is invalid at that rung)
     notes: list[str]
 
     @property
+    def devices(self) -> int:
+        return self.request.devices_per_job
+
+    @property
     def device_hours(self) -> float:
-        return sum(j.hours for j in self.jobs)
+        return sum(j.hours for j in self.jobs) * self.devices
+
+    @property
+    def concurrent_jobs(self) -> int:
+        """Jobs at once: the workers (devices, or CPU job slots) over the devices each job takes."""
+        return concurrent_jobs(self.hardware.workers, self.devices)
 
     @property
     def wall_hours(self) -> float:
-        """Makespan of the jobs over the workers, longest job first (jobs cannot be split)."""
-        loads = [0.0] * max(1, self.hardware.workers)
+        """Makespan of the jobs over the concurrent-job slots, longest job first (jobs cannot be split)."""
+        loads = [0.0] * self.concurrent_jobs
         for hours in sorted((j.hours for j in self.jobs), reverse=True):
             loads[loads.index(min(loads))] += hours
         return max(loads)
@@ -138,9 +167,21 @@ class Plan:
             "budget": self.request.budget, "match": self.request.match, "seeds": self.request.seeds,
             "scale": {"name": self.scale.name, "description": self.scale.description}, "size_rule": self.rule(),
             "vocab_size": self.vocab_size, "hardware": self.hardware.to_dict(),
+            **({"devices_per_job": self.devices, "parallel": self.request.parallel} if self.devices > 1 else {}),
             "device_hours": self.device_hours, "wall_hours": self.wall_hours,
-            "jobs": [j.to_dict() for j in self.jobs], "skipped": self.skipped, "notes": self.notes,
+            "recipes": self.recipes(), "jobs": [j.to_dict() for j in self.jobs], "skipped": self.skipped,
+            "notes": self.notes,
         }
+
+    def recipes(self) -> list[dict[str, Any]]:
+        """The optimiser settings and norm_eps of each (method, variant, rung), once however many seeds."""
+        rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for j in self.jobs:
+            rows.setdefault((j.method, j.variant, j.size), {
+                "method": j.method, "variant": j.variant, "size": j.size,
+                **{name: getattr(j.job.train, name) for name in RECIPE_FIELDS},
+                "weight_decay_from": j.weight_decay_from, "norm_eps": j.norm_eps})
+        return list(rows.values())
 
 
 @dataclass
@@ -186,6 +227,10 @@ def parse_vary(specs: Iterable[str]) -> dict[str, list[dict[str, str]]]:
     return variants
 
 
+def _arm_name(method: str, label: str) -> str:
+    return method + (f" [{label}]" if label else "")
+
+
 def _variant_label(values: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in values.items())
 
@@ -212,7 +257,7 @@ def _choose_scale(request: PlanRequest, shared: _Overrides) -> Scale:
         return SCALES[scales.pop()]
     best: tuple[float, Scale] | None = None
     for scale in SCALES.values():
-        train = _train_config(scale, scale.sizes[0], shared.train, {})
+        train = _train_config(scale, scale.sizes[0], REFERENCE_METHOD, shared.train)
         data = _data_config(scale, shared.data, {})
         vocab = _resolve_vocab(data)[0]
         for size in scale.sizes:
@@ -229,8 +274,8 @@ def _choose_scale(request: PlanRequest, shared: _Overrides) -> Scale:
     return best[1]
 
 
-def _train_config(scale: Scale, size: str, *overrides: dict[str, str]) -> TrainConfig:
-    values: dict[str, Any] = {**scale.train, **scale.size_train.get(size, {})}
+def _train_config(scale: Scale, size: str, method: str, *overrides: dict[str, str]) -> TrainConfig:
+    values = scale.train_defaults(size, method)
     for extra in overrides:
         values.update(extra)
     return dataclass_from(TrainConfig, values)
@@ -243,6 +288,27 @@ def _data_config(scale: Scale, *overrides: dict[str, str]) -> DataConfig:
     if "vocab_size" not in values and str(values.get("tokenizer", "bpe")).strip() == "bpe":
         values["vocab_size"] = scale.vocab_size
     return dataclass_from(DataConfig, values)
+
+
+def _unsharded(planned: PlannedJob) -> int:
+    """Parameters FSDP keeps gathered through the step: the root's embeddings and head (see memory_per_device)."""
+    return planned.params - planned.non_embedding_params
+
+
+def _sweep_devices(jobs: list[PlannedJob], fitting: list[tuple[PlannedJob, float]],
+                   capacity: float) -> tuple[int, str] | None:
+    """The fewest devices (DDP before FSDP) on which every job of ``fitting`` (with its one-device bytes) fits
+    ``capacity`` and every job's micro-batch splits; None when there is none."""
+    if not fitting:
+        return None
+    for devices in range(2, MAX_DEVICES_PER_JOB + 1):
+        if any(j.batch_size % devices for j in jobs):
+            continue
+        for parallel in PARALLEL_PREFERENCE:
+            if all(memory_per_device(one, j.params, devices, parallel, _unsharded(j)) <= capacity
+                   for j, one in fitting):
+                return devices, parallel
+    return None
 
 
 def _steps(flops_per_step: float, budget: float) -> int:
@@ -297,22 +363,34 @@ class _Planner:
         own = self.per_method.get(method, _Overrides({}, {}, {}))
         data = _data_config(self.scale, self.shared.data, own.data)
         vocab = self.request.vocab_size or _resolve_vocab(data)[0]
-        train = _train_config(self.scale, size, self.shared.train, own.train)
-        return _Settings({**self.shared.model, **own.model}, train, data, vocab)
+        train = _train_config(self.scale, size, method, self.shared.train, own.train)
+        return _Settings({**self.scale.model, **self.shared.model, **own.model}, train, data, vocab)
+
+    def weight_decay_from(self, method: str) -> str:
+        own = self.per_method.get(method)
+        if "weight_decay" in self.shared.train or (own is not None and "weight_decay" in own.train):
+            return "--set"
+        return self.scale.weight_decay_source(method)
 
     def batch_fixed(self, method: str) -> bool:
         """The user chose the batch: the plan must not shrink it."""
         own = self.per_method.get(method)
         return "batch_size" in self.shared.train or (own is not None and "batch_size" in own.train)
 
-    def candidates(self, method: str, values: dict[str, str], sizes: Iterable[str]) -> list[tuple[str, Counts]]:
+    def candidates(self, method: str, values: dict[str, str], sizes: Iterable[str],
+                   label: str = "") -> list[tuple[str, Counts]]:
+        """The rungs ``method`` (with ``values``) can be built at, and its counts there.
+
+        A rung where its config is invalid (a ConfigError, e.g. MoR's (L-2)/R not whole) is skipped with
+        one line naming the method, the rung and the reason: never a failed plan or a silently changed model.
+        """
         out = []
         for size in sizes:
             st = self.settings(method, size)
             try:
                 out.append((size, count(method, size, {**st.model, **values}, st.vocab, st.train.seq_len)))
             except ConfigError as exc:
-                self.skipped.append(f"{method}/{size}: {exc}")
+                self.skipped.append(f"{_arm_name(method, label)} at {size}: {exc}")
         return out
 
     def closest(self, options: list[tuple[str, Counts]]) -> list[str]:
@@ -365,7 +443,8 @@ class _Planner:
         return self.closest(options)
 
     def arm_jobs(self, arm: Arm, reference_rungs: list[str] | None) -> list[PlannedJob]:
-        options = self.candidates(arm.method, arm.values, arm.sizes or self.request.sizes or self.scale.sizes)
+        options = self.candidates(arm.method, arm.values, arm.sizes or self.request.sizes or self.scale.sizes,
+                                  arm.label)
         counts = dict(options)
         jobs = []
         for size in self.rungs(arm, options, reference_rungs):
@@ -386,8 +465,9 @@ class _Planner:
             train, steps = self.sized_steps(c.train_flops_per_token, train, self.batch_fixed(arm.method), self.budget)
             spend = self.budget
         if steps < 1:
-            self.skipped.append(f"{arm.method}/{size}: the budget buys less than one sequence of {train.seq_len} "
-                                f"tokens ({c.train_flops_per_token * train.seq_len:.3g} FLOPs)")
+            self.skipped.append(f"{_arm_name(arm.method, arm.label)} at {size}: the budget buys less than one "
+                                f"sequence of {train.seq_len} tokens ({c.train_flops_per_token * train.seq_len:.3g} "
+                                "FLOPs)")
             return []
         tokens = steps * train.tokens_per_step
         planned_flops = tokens * c.train_flops_per_token
@@ -403,6 +483,7 @@ class _Planner:
             tags["variant"] = arm.label
         if self.request.match == "tokens":
             tags["tokens_of"] = REFERENCE_METHOD
+        norm_eps = registry.get(arm.method).make_config(size, {**model, "vocab_size": st.vocab}).norm_eps
         jobs = []
         for seed in range(arm.seeds or self.request.seeds):
             job = Job(method=arm.method, budget=spend, size=size, seed=seed, model=dict(model), train=train,
@@ -414,7 +495,8 @@ class _Planner:
                 batch_size=train.batch_size, grad_accum=train.grad_accum, seq_len=train.seq_len, steps=steps,
                 tokens=tokens, train_flops=planned_flops, budget_error=error,
                 chinchilla_tokens=CHINCHILLA_TOKENS_PER_PARAM * c.params, hours=0.0,
-                memory_bytes=_memory(c, ref, train, st.vocab, bf16=False)))
+                memory_bytes=_memory(c, ref, train, st.vocab, bf16=False), norm_eps=norm_eps,
+                weight_decay_from=self.weight_decay_from(arm.method)))
         return jobs
 
     def jobs(self) -> list[PlannedJob]:
@@ -432,30 +514,67 @@ class _Planner:
     # -- hardware ---------------------------------------------------------------------------------
 
     def estimate(self, jobs: list[PlannedJob], hardware: Hardware | None) -> Hardware:
-        """Hours and memory of every job on ``hardware`` (probed here when not given)."""
+        """Hours and memory of every job on ``request.devices_per_job`` devices of ``hardware`` (probed here
+        when not given): wall hours by :func:`~harness.plan.hardware.job_hours`, memory per device by
+        :func:`~harness.plan.hardware.memory_per_device` from the one-device estimate."""
         request = self.request
         if hardware is None:
             smallest = min(jobs, key=lambda j: SIZES[j.size].d_model)
-            probe_train = _train_config(self.scale, smallest.size, self.shared.train)
+            probe_train = _train_config(self.scale, smallest.size, REFERENCE_METHOD, self.shared.train)
             hardware = detect_hardware(self.scale, probe_train, self.vocab(), gpu=request.gpu, mfu=request.mfu,
                                        workers=request.workers, cpus_per_job=request.cpus_per_job,
                                        probe_size=smallest.size)
+        one_device = []
         for planned in jobs:
-            planned.hours = planned.train_flops / hardware.flops_per_second / 3600.0
+            planned.hours = job_hours(planned.train_flops, hardware, request.devices_per_job)
             if hardware.kind != "cpu":  # bf16 activations on accelerators
                 st = self.settings(planned.method, planned.size)
                 c = count(planned.method, planned.size, planned.job.model, st.vocab, st.train.seq_len)
                 planned.memory_bytes = _memory(c, self.reference_counts.get(planned.size, c), planned.job.train,
                                                st.vocab, bf16=True)
-        if hardware.memory_bytes:
-            too_big = [j for j in jobs if j.memory_bytes > hardware.memory_bytes]
-            if too_big:
-                worst = max(too_big, key=lambda j: j.memory_bytes)
-                self.notes.append(
-                    f"{len(too_big)} job(s) need more than one {hardware.name}'s {hardware.memory_bytes / 1e9:.0f} GB "
-                    f"(worst: {worst.method}/{worst.size}, ~{worst.memory_bytes / 1e9:.0f} GB): lower "
-                    "train.batch_size for them (METHOD:train.batch_size=N) or use larger GPUs")
+            one_device.append(planned.memory_bytes)
+            planned.memory_bytes = memory_per_device(planned.memory_bytes, planned.params, request.devices_per_job,
+                                                     request.parallel, _unsharded(planned))
+        self.split_notes(jobs)
+        self.device_notes(jobs, one_device, hardware)
         return hardware
+
+    def split_notes(self, jobs: list[PlannedJob]) -> None:
+        """A job whose micro-batch does not split over the devices: the sweep refuses it; say so here too."""
+        refused = []
+        for planned in jobs:
+            try:
+                check_devices(planned.job.train, self.request.devices_per_job)
+            except ConfigError as exc:
+                refused.append(f"{_arm_name(planned.method, planned.variant)}/{planned.size}: {exc}")
+        self.notes.extend(dict.fromkeys(refused))  # once per (arm, rung), whatever the seeds
+
+    def device_notes(self, jobs: list[PlannedJob], one_device: list[float], hardware: Hardware) -> None:
+        """Per job that does not fit a device as requested: the fewest devices (DDP before FSDP) it fits on;
+        then the one ``--devices-per-job N --parallel X`` on which every such job fits, since a sweep runs
+        all its jobs on one N (decided: the cheapest such setting, not the largest N suggested, which at
+        DDP may not fit a job that needed FSDP at a smaller N)."""
+        capacity = hardware.memory_bytes
+        if not capacity:
+            return
+        misfits = [(j, one) for j, one in zip(jobs, one_device) if j.memory_bytes > capacity]
+        if not misfits:
+            return
+        notes = [devices_note(f"{_arm_name(j.method, j.variant)}/{j.size}", one, j.params, hardware, j.batch_size,
+                              _unsharded(j)) for j, one in misfits]
+        self.notes.extend(dict.fromkeys(n for n in notes if n))
+        fitting = [(j, one) for j, one in misfits  # the others fit nowhere: their note says to lower the batch
+                   if suggest_devices(one, j.params, capacity, j.batch_size, unsharded_params=_unsharded(j))]
+        found = _sweep_devices(jobs, fitting, capacity)
+        if found is None:
+            return
+        devices, parallel = found
+        now = (f" on {self.request.devices_per_job} devices ({self.request.parallel})"
+               if self.request.devices_per_job > 1 else "")
+        self.notes.append(
+            f"{len(misfits)} job(s) do not fit one {hardware.name}'s {capacity / 1e9:.0f} GB{now}: sweep with "
+            f"--devices-per-job {devices} --parallel {parallel} (a sweep runs every job on the same N; sweep the "
+            "jobs that fit one device separately to keep them on one)")
 
     def vocab(self) -> int:
         return self.request.vocab_size or _resolve_vocab(_data_config(self.scale, self.shared.data))[0]
@@ -517,9 +636,10 @@ def vanilla_train_flops_per_token(size: str, overrides: list[str]) -> float:
     scale = scale_of(size)
     shared, per_method = split_overrides(overrides)
     own = per_method.get(REFERENCE_METHOD, _Overrides({}, {}, {}))
-    train = _train_config(scale, size, shared.train, own.train)
+    train = _train_config(scale, size, REFERENCE_METHOD, shared.train, own.train)
     vocab = _resolve_vocab(_data_config(scale, shared.data, own.data))[0]
-    return count(REFERENCE_METHOD, size, {**shared.model, **own.model}, vocab, train.seq_len).train_flops_per_token
+    model = {**scale.model, **shared.model, **own.model}
+    return count(REFERENCE_METHOD, size, model, vocab, train.seq_len).train_flops_per_token
 
 
 def make_plan(request: PlanRequest, hardware: Hardware | None = None) -> Plan:
@@ -558,6 +678,12 @@ def _vs_budget(job: PlannedJob, request: PlanRequest) -> str:
     return f"{job.train_flops / request.budget - 1:+.1%}"
 
 
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    return ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+            *("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)]
+
+
 def format_plan(plan: Plan) -> str:
     r = plan.request
     mode = ("every job trains with the budget's FLOPs" if r.match == "train-flops"
@@ -565,26 +691,38 @@ def format_plan(plan: Plan) -> str:
     lines = [(f"plan: budget {r.budget:.3g} training FLOPs per job, match {r.match} ({mode}), "
               f"{len(plan.jobs)} job(s), {r.seeds} seed(s)"),
              f"sizes: {plan.rule()}",
-             f"hardware: {plan.hardware.basis}", ""]
+             f"hardware: {plan.hardware.basis}"]
+    if plan.devices > 1:
+        lines.append(f"devices: each job on {plan.devices} devices ({r.parallel}); est. time is its wall time on "
+                     f"them (x {plan.devices} device-hours), memory is per device")
+    lines.append("")
     header = ("method", "size", "params", "batch", "steps", "tokens", "tok/param", "train FLOPs",
-              "vs vanilla" if r.match == "tokens" else "vs budget",
-              "FLOPs/token", "est. time", "memory")
+              "vs vanilla" if r.match == "tokens" else "vs budget", "FLOPs/token",
+              "est. time" if plan.devices == 1 else f"est. time ({plan.devices}x)",
+              "memory" if plan.devices == 1 else f"memory/device ({r.parallel})")
     rows = []
     for j in plan.jobs:
-        name = j.method + (f" [{j.variant}]" if j.variant else "") + (f" s{j.seed}" if r.seeds > 1 else "")
+        name = _arm_name(j.method, j.variant) + (f" s{j.seed}" if r.seeds > 1 else "")
         batch = str(j.batch_size) if j.grad_accum == 1 else f"{j.batch_size}x{j.grad_accum}"
         rows.append((name, j.size, _si(j.params), batch, f"{j.steps:,}", _si(j.tokens),
                      f"{j.tokens / j.params:.2g}", f"{j.train_flops:.3g}",
                      _vs_budget(j, r), _si(j.train_flops_per_token), _hours(j.hours),
                      _si(j.memory_bytes, "B")))
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    lines.extend("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows)
-    unit = "GPU-hours" if plan.hardware.kind != "cpu" else "CPU job-hours"
+    lines += _table(header, rows)
+    lines += ["", "recipe: AdamW (betas), linear warm-up over a fraction of the steps, cosine to min-lr x lr "
+                  "(weight decay: from the method's reference recipe, the scale's default or --set)"]
+    lines += _table(("method", "size", "lr", "warm-up", "min-lr", "betas", "weight decay", "norm_eps"),
+                    [(_arm_name(x["method"], x["variant"]), x["size"], f"{x['lr']:.3g}",
+                      f"{100 * x['warmup_fraction']:.3g}%", f"{x['min_lr_ratio']:g}", f"{x['beta1']:g}, {x['beta2']:g}",
+                      f"{x['weight_decay']:g} ({x['weight_decay_from']})", f"{x['norm_eps']:g}")
+                     for x in plan.recipes()])
+    unit = ("GPU-hours" if plan.hardware.kind != "cpu"
+            else "CPU job-hours" if plan.devices == 1 else "CPU worker-hours")
+    at_once = (f", {plan.concurrent_jobs} job(s) of {plan.devices} devices at once" if plan.devices > 1 else "")
     lines += ["", (f"total: {plan.device_hours:,.2f} {unit}; wall ~{_hours(plan.wall_hours)} on "
-                   f"{plan.hardware.workers} worker(s)")]
+                   f"{plan.hardware.workers} worker(s){at_once}")]
     for item in plan.skipped:
-        lines.append(f"skipped {item}")
+        lines.append(f"skipped {item}")  # one line each: method, rung, reason
     for note in plan.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -21,6 +21,8 @@ Schema (every key optional unless marked)::
     task_limit = 100             # documents per task
     num_fewshot = 0
     gpu = "h100"                 # estimate on this GPU (plans offline for a cluster)
+    devices_per_job = 8          # train each job on 8 devices through Ray Train (harness/distributed.py)
+    parallel = "fsdp"            # with devices_per_job: "ddp" (default) or "fsdp"; neither changes a job's id
 
     [[arms]]                     # one per line of the comparison (at least one)
     method = "ponderlm3"         # required: a registered method
@@ -30,8 +32,9 @@ Schema (every key optional unless marked)::
     seeds = 3
     sizes = ["micro", "tiny"]
 
-Command-line flags still work with a study: ``--budget``, ``--match``, ``--sizes`` and ``--seeds``
-replace the study's value, ``--set`` adds to its pairs (and wins), ``--methods`` keeps only those arms.
+Command-line flags still work with a study: ``--budget``, ``--match``, ``--sizes``, ``--seeds``,
+``--devices-per-job`` and ``--parallel`` replace the study's value, ``--set`` adds to its pairs (and
+wins), ``--methods`` keeps only those arms.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ from importlib import resources
 from typing import Any
 
 from harness.core import registry
+from harness.core.config import SIZES
 from harness.core.errors import ConfigError, StudyError
+from harness.distributed import PARALLEL
 from harness.plan.planning import MATCH_MODES, Arm, PlanRequest, vanilla_train_flops_per_token
 
 if sys.version_info >= (3, 11):
@@ -55,7 +60,7 @@ else:  # pragma: no cover - Python 3.10
 
 STUDY_SUFFIX = ".toml"
 _TOP_KEYS = {"description", "protocol", "budget", "tokens", "reference_size", "sizes", "seeds", "set", "tasks",
-             "task_limit", "num_fewshot", "gpu", "arms"}
+             "task_limit", "num_fewshot", "gpu", "devices_per_job", "parallel", "arms"}
 _ARM_KEYS = {"method", "label", "values", "vary", "seeds", "sizes"}
 
 
@@ -79,10 +84,12 @@ class Study:
     num_fewshot: int
     gpu: str | None
     arms: list[Arm] = field(default_factory=list)
+    devices_per_job: int = 1  # run options of the sweep, never part of a job (its id does not depend on them)
+    parallel: str = "ddp"
 
     def request(self, *, budget: float | None = None, match: str | None = None, sizes: list[str] | None = None,
                 seeds: int | None = None, overrides: list[str] | None = None, methods: list[str] | None = None,
-                **extra: Any) -> PlanRequest:
+                devices_per_job: int | None = None, parallel: str | None = None, **extra: Any) -> PlanRequest:
         """The plan request this study makes, with command-line values winning (see the module docstring)."""
         arms = [arm for arm in self.arms if not methods or arm.method in methods]
         if not arms:
@@ -103,7 +110,10 @@ class Study:
             budget = self.tokens * vanilla_train_flops_per_token(reference, pairs)
         extra.setdefault("gpu", self.gpu)  # extra: rungs and the hardware estimate's settings
         return PlanRequest(budget=budget, sizes=sizes or self.sizes, match=protocol, seeds=seeds or self.seeds,
-                           overrides=pairs, arms=arms, reference_size=reference, **extra)
+                           overrides=pairs, arms=arms, reference_size=reference,
+                           devices_per_job=self.devices_per_job if devices_per_job is None else devices_per_job,
+                           parallel=parallel or self.parallel,
+                           **extra)
 
 
 def study_folder() -> pathlib.Path:
@@ -165,13 +175,19 @@ def _parse(raw: dict[str, Any], path: pathlib.Path, text: str) -> Study:
     seeds = _get(raw, "seeds", int, where, 1)
     if seeds < 1:
         raise StudyError(f"{where}: seeds = {seeds}: must be >= 1")
+    devices = _get(raw, "devices_per_job", int, where, 1)
+    if devices < 1:
+        raise StudyError(f"{where}: devices_per_job = {devices}: must be >= 1")
+    parallel = _get(raw, "parallel", str, where, "ddp")
+    if parallel not in PARALLEL:
+        raise StudyError(f"{where}: parallel = {parallel!r}; choose {' or '.join(PARALLEL)}")
     study = Study(
         name=path.stem, path=path, text=text, description=_get(raw, "description", str, where, ""),
         protocol=protocol, budget=budget, tokens=tokens,
         reference_size=_get(raw, "reference_size", str, where, None), sizes=_str_list(raw, "sizes", where),
         seeds=seeds, overrides=_str_list(raw, "set", where) or [], tasks=_str_list(raw, "tasks", where) or [],
         task_limit=_get(raw, "task_limit", int, where, None), num_fewshot=_get(raw, "num_fewshot", int, where, 0),
-        gpu=_get(raw, "gpu", str, where, None))
+        gpu=_get(raw, "gpu", str, where, None), devices_per_job=devices, parallel=parallel)
     for i, arm in enumerate(arms_raw):
         study.arms.extend(_arms(arm, f"{where}: arms[{i}]", study.sizes))
     return study
@@ -203,11 +219,26 @@ def _arms(raw: Any, where: str, study_sizes: list[str] | None) -> list[Arm]:
     names = list(vary)
     for combo in itertools.product(*(vary[n] for n in names)):
         arm_values = {**values, **dict(zip(names, combo))}
-        plugin.make_config(check_size, {k: _plain(v) for k, v in arm_values.items()})  # a bad field fails now
+        _check_values(plugin, check_size, {k: _plain(v) for k, v in arm_values.items()})
         auto = ",".join(f"{k}={_plain(v)}" for k, v in arm_values.items())
         text = ",".join([label] + [f"{n}={_plain(v)}" for n, v in zip(names, combo)]) if label else auto
         arms.append(Arm(method, {k: _plain(v) for k, v in arm_values.items()}, text, seeds, sizes))
     return arms
+
+
+def _check_values(plugin: registry.Plugin, size: str | None, values: dict[str, str]) -> None:
+    """A bad field or value fails now. Values valid at some rung of the ladder (MoR's recursions: (L-2)/R
+    whole) are left to the plan, which skips the rungs where they are not, one line each."""
+    try:
+        plugin.make_config(size, values)
+    except ConfigError:
+        for other in SIZES:
+            try:
+                plugin.make_config(other, values)
+                return
+            except ConfigError:
+                continue
+        raise
 
 
 def _plain(value: Any) -> str:
