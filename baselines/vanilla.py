@@ -9,9 +9,10 @@ Its reference is the PonderLM-2 repository's vanilla runs (``scripts/train_vanil
 ``ponder_init = False`` here, a named option. The default keeps the methods' shared init instead
 (``ponder_init = True``, sqrt(2.5d), PonderLM-2's), decided on a measurement: on the reference study's
 protocol (307,200 tokens, lr 3e-3) the stock init trains far slower at the CPU rungs, validation
-perplexity 184.6 (pico), 207.6 (nano), 182.2 (micro), means of 3 seeds, against 103.4 at micro with the
-shared init. A vanilla handicapped by its init would flatter every method compared with it, so the dense
-frontier gets the init the methods themselves use, and a comparison measures the method, not the init.
+perplexity 184.6 (pico), 207.6 (nano), 182.2 (micro), means of 3 seeds, against 142.0, 137.9 and 105.3
+with the shared init (results/reference). A vanilla handicapped by its init would flatter every method
+compared with it, so the dense frontier gets the init the methods themselves use, and a comparison
+measures the method, not the init.
 
 reference behaviour               here                                  why
 ================================  ====================================  =================================

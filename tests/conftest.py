@@ -21,6 +21,16 @@ if "HARNESS_CACHE" not in os.environ:
     os.environ["HARNESS_CACHE"] = tempfile.mkdtemp(prefix="harness-test-cache-")
 
 
+@pytest.fixture
+def single_thread():
+    """Tiny models are dispatch-bound: one thread is faster and immune to a busy machine (use with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
     """A ~300 KB slice of the embedded corpus as a folder of .txt files: fast to tokenise."""

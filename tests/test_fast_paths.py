@@ -25,12 +25,7 @@ from models.backbone import Attention, Decoder, rotate
 TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # -- RoPE in the projections' memory layout ---------------------------------------------------------

@@ -43,13 +43,7 @@ def parallel_logprobs(model, ids, targets, jacobi_passes):
     return logprobs.gather(-1, targets.clamp_min(0)[..., None])[..., 0].masked_fill(targets == IGNORE_INDEX, 0.0)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models are dispatch-bound: one thread is faster here and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # -- config ---------------------------------------------------------------------------------------
