@@ -245,25 +245,34 @@ def _reference_decode_loss(model, ids) -> float:
     return float(torch.nn.functional.cross_entropy(stacked.flatten(0, 1), ids[:, 1:].flatten()))
 
 
+def reference_model(reference: pathlib.Path, spec: Spec, setup: dict[str, Any], attn: str, weights: pathlib.Path):
+    """The reference Llama class of ``spec`` built from ``setup`` ({"config", "flags"}), seeded, with the
+    weights of ``weights`` loaded strictly (no reference weight left at its random init)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**setup["config"], max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False,
+                         attention_bias=False, mlp_bias=False, attn_implementation=attn, torch_dtype="float32")
+    for key, value in {**setup["flags"], "output_hidden_states": False, "classifier_dropout": 0}.items():
+        setattr(config, key, value)  # as the reference loader.load_model sets them
+    torch.manual_seed(SEED)
+    model = _reference_class(reference, spec)(config).float()
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model
+
+
 def _reference_side(workdir: pathlib.Path, reference: pathlib.Path, methods: list[str]) -> None:
     import torch
     import transformers
     from safetensors.torch import load_file
-    from transformers import LlamaConfig
 
     torch.use_deterministic_algorithms(True)
     ids = load_file(str(workdir / "inputs.safetensors"))["input_ids"]
     for method in methods:
         spec, folder = SPECS[method], workdir / method
         ours = json.loads((folder / "ours.json").read_text())
-        config = LlamaConfig(**ours["config"], max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False,
-                             attention_bias=False, mlp_bias=False, attn_implementation="eager",
-                             torch_dtype="float32")
-        for key, value in {**ours["flags"], "output_hidden_states": False, "classifier_dropout": 0}.items():
-            setattr(config, key, value)  # as the reference loader.load_model sets them
-        torch.manual_seed(SEED)
-        model = _reference_class(reference, spec)(config).float().eval()
-        model.load_state_dict(load_file(str(folder / "weights.safetensors")), strict=True)
+        model = reference_model(reference, spec, ours, "eager", folder / "weights.safetensors").eval()
         with torch.no_grad():
             loss = float(model(input_ids=ids, labels=ids, use_cache=False).loss)
             decode = _reference_decode_loss(model, ids) if spec.decode else None

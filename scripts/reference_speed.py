@@ -133,16 +133,10 @@ def _reference(workdir: pathlib.Path, reference: pathlib.Path, attn: str, warmup
     import torch
     import transformers
     from safetensors.torch import load_file
-    from transformers import LlamaConfig
 
     setup = json.loads((workdir / "setup.json").read_text())
-    config = LlamaConfig(**setup["config"], max_position_embeddings=parity.MAX_POSITIONS, tie_word_embeddings=False,
-                         attention_bias=False, mlp_bias=False, attn_implementation=attn, torch_dtype="float32")
-    for key, value in {**setup["flags"], "output_hidden_states": False, "classifier_dropout": 0}.items():
-        setattr(config, key, value)  # as the reference loader.load_model sets them (and reference_parity)
-    torch.manual_seed(SEED)
-    model = parity._reference_class(reference, parity.SPECS[METHOD])(config).float().train()
-    model.load_state_dict(load_file(str(workdir / "reference.safetensors")), strict=True)
+    model = parity.reference_model(reference, parity.SPECS[METHOD], setup, attn,
+                                   workdir / "reference.safetensors").train()
     ids = load_file(str(workdir / "inputs.safetensors"))["input_ids"]
 
     def step() -> float:
