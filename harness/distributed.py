@@ -85,6 +85,7 @@ class RunOptions:
     cpus_per_worker: int = 1  # CPU workers: CPUs (and torch threads) per worker
     max_failures: int = DEFAULT_MAX_FAILURES
     verbose: bool = False  # forward Ray's logs
+    compile_blocks: bool = False  # every rank's training blocks through torch.compile (harness.train.run_steps)
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -228,7 +229,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     job = Job.from_dict(config["job"])
     try:
         result = run_steps(job, out, prepare(job), placement, config["downstream"], config["started"],
-                           progress=False)
+                           progress=False, compile_blocks=config["compile_blocks"])
     except HarnessError as exc:  # raised on every rank alike (the loop reduces before it decides)
         return {"error": type(exc).__name__, "message": str(exc)} if rank == 0 else None
     return {"result": result} if rank == 0 else None
@@ -290,7 +291,7 @@ def _fit(job: Job, out: pathlib.Path, options: RunOptions, downstream: dict[str,
     resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": options.cpus_per_worker}
     config = {"job": job.to_dict(), "out": str(out.resolve()), "parallel": options.parallel,
               "threads": options.cpus_per_worker, "downstream": downstream, "started": started,
-              "fault": _fault_from_env()}
+              "fault": _fault_from_env(), "compile_blocks": options.compile_blocks}
     storage = out.resolve() / RAY_FOLDER  # on a cluster the job folder is on storage every node sees
     trainer = TorchTrainer(
         _worker, train_loop_config=config,

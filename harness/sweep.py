@@ -13,6 +13,8 @@ How it runs (docs/design.md, "Running and scale"):
   itself (its trainer's N workers hold the GPUs, or ``--cpus-per-job`` CPUs each), at most as many such
   tasks run at once as the cluster has room for, the trainer restarts crashed workers (``--retries``
   times) and the downstream tasks run in a task of their own with one GPU. N changes no job's id.
+* ``--compile`` (or ``compile = true`` in a study) trains every job with its blocks through torch.compile
+  (:func:`harness.train.train_job`'s ``compile_blocks``); a run option too, so no job's id changes.
 * Each Ray task calls :func:`harness.train.train_job` on ``OUT/jobs/<job_id>`` (which resumes from the
   job's checkpoint, or returns the result of a finished job), then the downstream tasks through
   :func:`harness.lmeval.runner.evaluate_downstream` when ``--tasks`` is given, and appends the record
@@ -77,6 +79,7 @@ class SweepOptions:
     cpus_per_job: int = 1
     devices_per_job: int = 1  # > 1: each job on that many devices through Ray Train (harness.distributed)
     parallel: str = "ddp"  # ddp | fsdp, with devices_per_job > 1
+    compile_blocks: bool = False  # every job's training blocks through torch.compile (harness.train.train_job)
     retries: int = DEFAULT_RETRIES
     tasks: list[str] = field(default_factory=list)
     num_fewshot: int = 0
@@ -134,19 +137,20 @@ def _note_worker(folder: pathlib.Path, token: str) -> tuple[int, int | None]:
 
 def execute_job(job_dict: dict[str, Any], root: str, token: str, tasks: list[str], num_fewshot: int,
                 task_limit: int | None, threads: int, devices: int = 1, parallel: str = "ddp",
-                retries: int = 0) -> dict[str, Any]:
+                retries: int = 0, compile_blocks: bool = False) -> dict[str, Any]:
     """Train (or resume, or reuse) one job, evaluate it downstream, append and return its record.
 
     ``devices`` > 1: the job trains through Ray Train on that many devices (``threads`` CPUs per CPU
-    worker, ``retries`` restarts of its worker group).
+    worker, ``retries`` restarts of its worker group). ``compile_blocks``: its blocks through torch.compile.
     """
     torch.set_num_threads(max(1, threads))
     store = ResultsStore(root)
     job = Job.from_dict(job_dict)
     folder = store.job_dir(job.job_id())
-    run = RunOptions(devices, parallel, cpus_per_worker=threads, max_failures=retries) if devices > 1 else None
+    run = (RunOptions(devices, parallel, cpus_per_worker=threads, max_failures=retries,
+                      compile_blocks=compile_blocks) if devices > 1 else None)
     with file_lock(folder / ".lock"):  # a killed sweep's worker may outlive its driver
-        return _execute_locked(job, folder, store, token, tasks, num_fewshot, task_limit, run)
+        return _execute_locked(job, folder, store, token, tasks, num_fewshot, task_limit, run, compile_blocks)
 
 
 def token_analysis(folder: pathlib.Path) -> dict[str, Any]:
@@ -164,12 +168,12 @@ def token_analysis(folder: pathlib.Path) -> dict[str, Any]:
 
 
 def _execute_locked(job, folder: pathlib.Path, store: ResultsStore, token: str, tasks: list[str], num_fewshot: int,
-                    task_limit: int | None, run: RunOptions | None) -> dict[str, Any]:
+                    task_limit: int | None, run: RunOptions | None, compile_blocks: bool = False) -> dict[str, Any]:
     attempt, resumed_from = _note_worker(folder, token)
     extra = {"attempt": attempt, "resumed_from_step": resumed_from, "host": socket.gethostname()}
     try:
         if run is None:
-            result = train_job(job, folder, progress=False)
+            result = train_job(job, folder, progress=False, compile_blocks=compile_blocks)
         else:
             result = train_distributed(job, folder, run, progress=False)
     except HarnessError as exc:
@@ -482,7 +486,8 @@ def _run_round(queue: list[planning.PlannedJob], store: ResultsStore, options: S
         while waiting and len(pending) < limit:
             planned = waiting.pop(0)
             ref = task.remote(planned.job.to_dict(), root, token, options.tasks, options.num_fewshot,
-                              options.task_limit, options.cpus_per_job, devices, options.parallel, options.retries)
+                              options.task_limit, options.cpus_per_job, devices, options.parallel, options.retries,
+                              options.compile_blocks)
             pending[ref] = planned
 
     pending: dict[Any, planning.PlannedJob] = {}

@@ -10,6 +10,9 @@
 * :func:`train_job` trains in this process. A job on several devices (:mod:`harness.distributed`) runs the
   same step loop, :func:`run_steps`, on every rank; a :class:`Placement` says what differs (rows of each
   batch, gradient and metric reduction, checkpoints), and the base class is the single-process run.
+* ``compile_blocks`` (``train --compile``, ``sweep --compile``, a study's ``compile = true``) runs the
+  blocks of every training forward through torch.compile (``Decoder.compile_training_blocks``). A run
+  option like the devices, not part of the job: its id, folder and budget do not depend on it.
 """
 
 from __future__ import annotations
@@ -154,8 +157,10 @@ def claim_folder(job: Job, out: pathlib.Path, force: bool, corpus) -> dict[str, 
     return previous
 
 
-def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bool = False) -> dict[str, Any]:
-    """Run (or resume, or return the finished result of) ``job`` in folder ``out``, in this process."""
+def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bool = False,
+              compile_blocks: bool = False) -> dict[str, Any]:
+    """Run (or resume, or return the finished result of) ``job`` in folder ``out``, in this process;
+    ``compile_blocks``: the training forwards' blocks through torch.compile (see the module docstring)."""
     out = pathlib.Path(out)
     finished = finished_result(job, out, force)  # reads only: nothing is written until the job is validated
     if finished is not None:
@@ -167,11 +172,24 @@ def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bo
     placement.device(job.train)  # an unavailable device fails before the data is loaded
     prepared = prepare(job)
     previous = claim_folder(job, out, force, prepared.corpus)
-    return run_steps(job, out, prepared, placement, previous.get("downstream"), started, progress)
+    return run_steps(job, out, prepared, placement, previous.get("downstream"), started, progress, compile_blocks)
+
+
+def compile_training(model: torch.nn.Module, job: Job, announce: bool) -> bool:
+    """Turn on the compiled training blocks of ``model`` (on its device); one line on stderr (``announce``)
+    when they cannot be built here, and training stays eager."""
+    if model.decoder.compile_training_blocks():
+        return True
+    if announce:
+        print(f"{job.method}/{job.size}: --compile requested but unavailable here (torch.compile needs a C++ "
+              "compiler on CPU or Triton on CUDA, and torch.compile(isolate_recompiles=...)); training eagerly",
+              file=sys.stderr, flush=True)
+    return False
 
 
 def run_steps(job: Job, out: pathlib.Path, prepared: Prepared, placement: Placement,
-              downstream: dict[str, Any] | None, started: float, progress: bool) -> dict[str, Any] | None:
+              downstream: dict[str, Any] | None, started: float, progress: bool,
+              compile_blocks: bool = False) -> dict[str, Any] | None:
     """Train ``prepared`` from its checkpoint (if any) to its last step, then (rank 0) evaluate it and
     write result.json. Returns the result on rank 0, None on the other ranks.
 
@@ -179,13 +197,15 @@ def run_steps(job: Job, out: pathlib.Path, prepared: Prepared, placement: Placem
     drawn whole from (seed, step, micro-batch) and rank r trains its r-th slice of ``batch_size / world``
     rows, so the data and the torch RNG draws of a step (PonderLM's Jacobi pass count) are the same at any
     number of ranks; losses and stats are averaged and the compute ledger summed over ranks.
+    ``compile_blocks``: the blocks through torch.compile (:func:`compile_training`), once on the device.
     """
     cfg = job.train
     device = placement.device(cfg)
     model = prepared.model.to(device)
+    main = placement.rank == 0
+    compiled = compile_blocks and compile_training(model, job, announce=main)
     trained = placement.wrap(model)
     steps, tokens_per_step = prepared.steps, cfg.tokens_per_step
-    main = placement.rank == 0
     optimizer = build_optimizer(trained, cfg)
     ckpt_dir = out / "checkpoint"
     metrics_file = out / "metrics.jsonl"
@@ -256,6 +276,8 @@ def run_steps(job: Job, out: pathlib.Path, prepared: Prepared, placement: Placem
         return None
     record = {"train_steps": steps, "train_tokens": steps * tokens_per_step, "train_flops": totals.train_flops,
               "train_seconds": seconds, "device": str(device)}
+    if compiled:
+        record["compiled_blocks"] = True
     return _record(job, out, prepared, evaluated, placement, record, downstream, started - seconds_before, progress)
 
 
@@ -278,6 +300,8 @@ def _record(job: Job, out: pathlib.Path, prepared: Prepared, model: torch.nn.Mod
     }
     if placement.world > 1:  # how it ran; the numbers above do not depend on it
         result.update(devices=placement.world, parallel=placement.strategy)
+    if trained.get("compiled_blocks"):  # how the last attempt ran: train_seconds depend on it, the losses barely
+        result["compiled_blocks"] = True
     if prepared.init_from:  # {"path", "loaded", "kept_own_init"}: what came from the checkpoint, what kept its own init
         result["init_from"] = prepared.init_from
     result.update(evaluate_model(model, corpus, cfg, device, records_path=out / "tokens.npz", progress=progress))

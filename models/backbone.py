@@ -13,11 +13,13 @@ Given the same weights and ``ponder_init=False``, logits equal ``transformers.Ll
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import math
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -35,11 +37,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # One fused call (the weight inside): the same arithmetic as below, fewer kernel launches.
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # Normalise in float32 and scale in the input dtype, as LLaMA does, so bf16 keeps its statistics.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA's RMSNorm of x [..., d] with ``weight`` (:class:`RMSNorm`, and the compiled blocks)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # One fused call (the weight inside): the same arithmetic as below, fewer kernel launches.
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    # Normalise in float32 and scale in the input dtype, as LLaMA does, so bf16 keeps its statistics.
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
 
 
 class Rotary(nn.Module):
@@ -134,6 +141,27 @@ def _compiler_found(device_type: str) -> bool:
 # module so that state_dict, copies and pickles never see them.
 _COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+# Per backbone shape (n_heads, n_kv_heads, head_dim, d_ff, eps): its compiled make_block_step, shared by every
+# decoder of that shape (the graphs depend on shapes, not on which parameters are passed).
+_TRAINING_STEPS: dict[tuple, Callable[..., torch.Tensor]] = {}
+TRAINING_RECOMPILE_LIMIT = 64  # graphs per backbone shape: input shapes x key bias or not x dtypes
+# Per-region recompile limits (torch.compile's recompile_limit and isolate_recompiles): without them every
+# shape would share dynamo's one limit per code object, so the training path needs them.
+_ISOLATED_REGIONS = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+@contextlib.contextmanager
+def _eager_backward_compilation() -> Iterator[None]:
+    """Compile a block's backward with its forward, not at the first backward: a compiler failure then
+    surfaces inside :meth:`Decoder.run_blocks`, which falls back to eager, not in ``loss.backward()``."""
+    from torch._functorch import config as functorch_config
+
+    if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+        yield
+        return
+    with functorch_config.patch(force_non_lazy_backward_lowering=True):
+        yield
+
 
 def make_slot_step(n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int, eps: float) -> Callable[..., torch.Tensor]:
     """The decoding step of one backbone shape, for torch.compile (``Decoder._compiled_step_and_weights``).
@@ -166,6 +194,45 @@ def make_slot_step(n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int, eps:
             gate, up = F.linear(F.rms_norm(x, (d,), norm_post, eps), w_gate_up).split((d_ff, d_ff), -1)
             x = x + F.linear(F.silu(gate) * up, w_down)
         return F.rms_norm(x, (d,), weights[-1], eps)
+
+    return step
+
+
+def make_block_step(n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int,
+                    eps: float) -> Callable[..., torch.Tensor]:
+    """One block's training forward for one backbone shape, for torch.compile (``Decoder.compile_training_blocks``).
+
+    The returned ``step(x, norm_in, w_q, w_k, w_v, w_o, norm_post, w_gate, w_up, w_down, cos, sin_signed,
+    key_bias, is_causal)`` computes what :meth:`Block.forward` computes for a plan without cache, mask or
+    kv_hook: plain (causal) attention, or causal attention with PonderLM-3's per-key bias through the
+    key-bias channel (:func:`attend_with_key_bias`). The same functions run (:func:`rms_norm`, :func:`rotate`
+    in the projections' [B, n, H, D] layout as :meth:`Attention.project`, SDPA with GQA, SwiGLU), on the
+    block's own parameters (:meth:`Block.step_weights`, not copies), so autograd reaches them; the shape is
+    closed over, so it compiles as constants.
+    """
+    q_width, gqa = n_heads * head_dim, n_kv_heads != n_heads
+
+    def step(x: torch.Tensor, norm_in: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor,
+             w_o: torch.Tensor, norm_post: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+             w_down: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, key_bias: torch.Tensor | None,
+             is_causal: bool) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = rms_norm(x, norm_in, eps)
+        cos, sin_signed = cos.transpose(1, 2), sin_signed.transpose(1, 2)
+        q = rotate(F.linear(h, w_q).view(b, n, n_heads, head_dim), cos, sin_signed).transpose(1, 2)
+        k = rotate(F.linear(h, w_k).view(b, n, n_kv_heads, head_dim), cos, sin_signed).transpose(1, 2)
+        v = F.linear(h, w_v).view(b, n, n_kv_heads, head_dim).transpose(1, 2)
+        if key_bias is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa)
+        else:
+            # Measured (profiler, one thread, pico): inductor writes the rotated q/k straight into contiguous
+            # [B, H, n, D+1] buffers (eager's strides, no extra copies) and SDPA takes the same time as in
+            # eager; PonderLM-3 gains a little less than PonderLM-2 only because its 17-wide attention kernel,
+            # which compiling leaves as it is, is a larger share of its step.
+            out = attend_with_key_bias(q, k, v, key_bias)
+        x = x + F.linear(out.transpose(1, 2).reshape(b, n, q_width), w_o)
+        h = rms_norm(x, norm_post, eps)
+        return x + F.linear(F.silu(F.linear(h, w_gate)) * F.linear(h, w_up), w_down)
 
     return step
 
@@ -367,7 +434,7 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         """Scaled dot-product attention over the given keys; returns the projected output [B, n, d]."""
         if plan.key_bias is not None:
-            out = self._attend_with_key_bias(q, k, v, plan.key_bias)
+            out = attend_with_key_bias(q, k, v, plan.key_bias)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=plan.mask_as(q.dtype), is_causal=plan.is_causal,
@@ -380,31 +447,6 @@ class Attention(nn.Module):
         next multiple of 8, which fused GPU kernels want."""
         return head_dim + 1 if device.type == "cpu" else (head_dim + 1 + 7) // 8 * 8
 
-    def _attend_with_key_bias(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              key_bias: torch.Tensor) -> torch.Tensor:
-        """Causal attention with logit bias[b, j] toward key j, as one extra head channel.
-
-        With q' = [q, 1, 0..], k' = [k, bias sqrt(D), 0..], v' = [v, 0..] and the scale kept at 1/sqrt(D),
-        q'.k' / sqrt(D) = q.k / sqrt(D) + bias: the same logits as an additive mask, but SDPA runs its
-        fused causal kernel instead of materialising [B, 1, n, n] masks and their gradient (PonderLM-3's
-        soft mask: ~3x faster per layer on CPU, the bias still differentiable). The CPU kernel takes
-        any head dimension, so one channel is added there; elsewhere zero channels pad the head
-        dimension to a multiple of 8, which fused GPU kernels want. (The value gets zero channels too:
-        fused kernels need equal head dimensions.)
-        """
-        b, _, n, d = q.shape
-        pad = self.key_bias_width(d, q.device) - d
-        channel = (key_bias * math.sqrt(d)).to(k.dtype)[:, None, :, None].expand(b, k.shape[1], n, 1)
-        q_parts, k_parts = [q, q.new_ones(b, q.shape[1], n, 1)], [k, channel]
-        if pad > 1:
-            q_parts.append(q.new_zeros(b, q.shape[1], n, pad - 1))
-            k_parts.append(k.new_zeros(b, k.shape[1], n, pad - 1))
-        q_ext, k_ext = torch.cat(q_parts, dim=-1), torch.cat(k_parts, dim=-1)
-        v_ext = torch.cat((v, v.new_zeros(b, v.shape[1], n, pad)), dim=-1)
-        out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, is_causal=True, scale=1.0 / math.sqrt(d),
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
-        return out[..., :d]
-
     def forward(self, x: torch.Tensor, plan: AttentionPlan, layer: int) -> torch.Tensor:
         q, k, v = self.project(x, plan)
         if plan.kv_hook is not None:
@@ -412,6 +454,32 @@ class Attention(nn.Module):
         elif plan.cache is not None:
             k, v = plan.cache.write(layer, plan.cache_start, k, v)
         return self.attend(q, k, v, plan)
+
+
+def attend_with_key_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+    """Causal attention of q [B, H, n, D] over k, v [B, Hkv, n, D] with logit bias[b, j] toward key j, as
+    one extra head channel (:meth:`Attention.attend`, and the compiled blocks).
+
+    With q' = [q, 1, 0..], k' = [k, bias sqrt(D), 0..], v' = [v, 0..] and the scale kept at 1/sqrt(D),
+    q'.k' / sqrt(D) = q.k / sqrt(D) + bias: the same logits as an additive mask, but SDPA runs its
+    fused causal kernel instead of materialising [B, 1, n, n] masks and their gradient (PonderLM-3's
+    soft mask: ~3x faster per layer on CPU, the bias still differentiable). The CPU kernel takes
+    any head dimension, so one channel is added there; elsewhere zero channels pad the head
+    dimension to a multiple of 8, which fused GPU kernels want (:meth:`Attention.key_bias_width`). (The
+    value gets zero channels too: fused kernels need equal head dimensions.)
+    """
+    b, _, n, d = q.shape
+    pad = Attention.key_bias_width(d, q.device) - d
+    channel = (key_bias * math.sqrt(d)).to(k.dtype)[:, None, :, None].expand(b, k.shape[1], n, 1)
+    q_parts, k_parts = [q, q.new_ones(b, q.shape[1], n, 1)], [k, channel]
+    if pad > 1:
+        q_parts.append(q.new_zeros(b, q.shape[1], n, pad - 1))
+        k_parts.append(k.new_zeros(b, k.shape[1], n, pad - 1))
+    q_ext, k_ext = torch.cat(q_parts, dim=-1), torch.cat(k_parts, dim=-1)
+    v_ext = torch.cat((v, v.new_zeros(b, v.shape[1], n, pad)), dim=-1)
+    out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, is_causal=True, scale=1.0 / math.sqrt(d),
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out[..., :d]
 
 
 class SwiGLU(nn.Module):
@@ -437,10 +505,26 @@ class Block(nn.Module):
             cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff)
         self.attn_width = cfg.n_heads * cfg.head_dim
 
-    def forward(self, x: torch.Tensor, plan: AttentionPlan, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: AttentionPlan, layer: int,
+                step: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        """The block on the residual stream x [B, n, d]; with ``step`` (a compiled :func:`make_block_step`,
+        passed by :meth:`Decoder.run_blocks`) through it. Called as a module either way, so hooks (FSDP's
+        unsharding) run. The ledger is written after the step returns: a step that fails records nothing,
+        and the eager rerun records the block once."""
+        if step is not None:
+            out = step(x, *self.step_weights(), plan.cos, plan.sin_signed, plan.key_bias, plan.is_causal)
+            compute.record_block(self.matmul_params, self.attn_width, plan.queries, plan.key_pairs)
+            return out
         compute.record_block(self.matmul_params, self.attn_width, plan.queries, plan.key_pairs)
         x = x + self.self_attn(self.input_layernorm(x), plan, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def step_weights(self) -> tuple[torch.Tensor, ...]:
+        """The parameters :func:`make_block_step` takes, in its order (the Parameters themselves)."""
+        attn, mlp = self.self_attn, self.mlp
+        return (self.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                attn.o_proj.weight, self.post_attention_layernorm.weight, mlp.gate_proj.weight,
+                mlp.up_proj.weight, mlp.down_proj.weight)
 
 
 @torch.no_grad()
@@ -555,7 +639,7 @@ class Decoder(nn.Module):
         if (cache is None and key_bias is not None and key_valid is None and allowed is None
                 and query_valid is None):
             # Causal over the new slots with a per-key bias (PonderLM-3's training passes): no mask,
-            # the bias rides along as an extra head channel (Attention._attend_with_key_bias).
+            # the bias rides along as an extra head channel (attend_with_key_bias).
             return AttentionPlan(cos, sin_signed, None, True, n_queries, float(b * compute.causal_key_pairs(n)),
                                  key_bias=key_bias.float())
         if plain and (cache is None or not cache.has_bias):
@@ -599,11 +683,69 @@ class Decoder(nn.Module):
 
     def run_blocks(self, x: torch.Tensor, plan: AttentionPlan, layers: range | None = None,
                    cache_layer_offset: int = 0) -> torch.Tensor:
-        """Residual stream through ``layers`` (default all); cache layer index = offset + position."""
+        """Residual stream through ``layers`` (default all); cache layer index = offset + position.
+
+        Each block runs the compiled training step when :meth:`compile_training_blocks` turned it on,
+        gradients are wanted and the plan has no cache, mask or kv_hook; otherwise eagerly.
+        """
         indices = range(len(self.layers)) if layers is None else layers
-        for i in indices:
-            x = self.layers[i](x, plan, cache_layer_offset + i)
+        step = self._training_step(plan) if self._compile_training_blocks else None
+        if step is None:
+            for i in indices:
+                x = self.layers[i](x, plan, cache_layer_offset + i)
+            return x
+        with _eager_backward_compilation():
+            for i in indices:
+                if step is not None:
+                    try:
+                        x = self.layers[i](x, plan, cache_layer_offset + i, step)
+                        continue
+                    except Exception as error:  # any compiler failure means: train eagerly
+                        first = (str(error).strip().splitlines() or [""])[0][:300]  # inductor's are long
+                        warnings.warn(f"compiled training blocks unavailable ({type(error).__name__}: {first}); "
+                                      "training eagerly", RuntimeWarning, stacklevel=2)
+                        self._compile_training_blocks = False
+                        step = None
+                x = self.layers[i](x, plan, cache_layer_offset + i)
         return x
+
+    # -- training blocks, optionally compiled -------------------------------------------------------
+
+    _compile_training_blocks = False  # set by compile_training_blocks (a class default: copies stay plain)
+
+    def compile_training_blocks(self, enabled: bool = True) -> bool:
+        """Run each block of a training forward through ``torch.compile``; True if on.
+
+        Decided here: off by default (compiling costs tens of seconds per process and input shape, which
+        only long jobs repay); on only where the compiler inductor needs exists (:func:`compiled_steps_available`)
+        and torch keeps recompilation limits per compiled region (``torch.compile(isolate_recompiles=...)``),
+        else this returns False and training stays eager. A block takes the compiled step
+        (:func:`make_block_step`) when gradients are wanted and the plan has no cache, mask or kv_hook
+        (training passes: causal, or causal with PonderLM-3's key bias); evaluation, decoding and masked
+        plans stay eager. Values may differ from eager in the last bits (inductor fuses the elementwise
+        ops and reorders reductions); the ledger counts the same blocks (tests/test_fast_paths.py).
+        """
+        self._compile_training_blocks = (bool(enabled) and _ISOLATED_REGIONS
+                                         and compiled_steps_available(self.lm_head.weight.device))
+        return self._compile_training_blocks
+
+    def _training_step(self, plan: AttentionPlan) -> Callable[..., torch.Tensor] | None:
+        """The compiled :func:`make_block_step` of this decoder's shape, or None where the plan does not take it."""
+        if not torch.is_grad_enabled() or plan.cache is not None or plan.mask is not None or plan.kv_hook is not None:
+            return None
+        cfg = self.cfg
+        shape = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.norm_eps)
+        step = _TRAINING_STEPS.get(shape)
+        if step is None:
+            # One region per backbone shape, with its own recompile limit: dynamo counts compilations per code
+            # object, which every make_block_step closure shares, and a process may hold several models (a
+            # bench, the tests), each with a few input shapes (PonderLM's passes: n = T..(K+1)T, with and
+            # without key bias) -- the default 8 would be reached. fullgraph: a graph break or the limit
+            # raises (then a warning and eager), never a silent eager fallback inside dynamo.
+            step = _TRAINING_STEPS[shape] = torch.compile(
+                make_block_step(*shape), dynamic=False, fullgraph=True, recompile_limit=TRAINING_RECOMPILE_LIMIT,
+                isolate_recompiles=True)
+        return step
 
     # -- the decoding step: one new slot per row, optionally compiled ------------------------------
 
@@ -733,5 +875,5 @@ class Decoder(nn.Module):
 
 
 __all__ = ["Attention", "AttentionPlan", "Block", "Decoder", "IGNORE_INDEX", "KVCache", "LinearCrossEntropy",
-           "RMSNorm", "Rotary", "SwiGLU", "apply_rotary", "compiled_steps_available",
-           "init_weight", "make_slot_step", "rotate"]
+           "RMSNorm", "Rotary", "SwiGLU", "apply_rotary", "attend_with_key_bias", "compiled_steps_available",
+           "init_weight", "make_block_step", "make_slot_step", "rms_norm", "rotate"]

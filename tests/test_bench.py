@@ -1,5 +1,6 @@
 """``python -m harness bench``: the machinery on a tiny configuration (no wall-clock assertions)."""
 
+import dataclasses
 import json
 import math
 
@@ -9,11 +10,14 @@ import torch
 from harness.bench import (
     SECTIONS,
     BenchConfig,
+    PerRound,
     benchmark,
     format_report,
     generate_cached,
     generate_recomputing,
     methods_with_role,
+    op_kind,
+    per_round,
     time_interleaved,
     to_transformers_llama,
 )
@@ -158,6 +162,56 @@ def test_methods_take_part_by_their_declared_roles():
         model.force_steps(kept)
         decision = model.decide(torch.randn(5, model.config.d_model))
         assert decision.steps.tolist() == [kept] * 5
+
+
+def test_ratios_and_utilisation_are_formed_round_by_round(report):
+    # drift between rounds cancels: a round's ratio uses that round's samples only
+    slow_machine = per_round([2.0, 4.0, 3.0], [1.0, 2.0, 1.5])  # the machine halves its speed, ratio stays 2
+    assert slow_machine.values == [2.0, 2.0, 2.0] and slow_machine.decided(1.9, at_most=False)
+    noisy = PerRound([1.1, 1.2, 1.3])
+    assert noisy.median == 1.2 and noisy.met(1.25, at_most=True) and not noisy.decided(1.25, at_most=True)
+    assert noisy.as_dict("x") == {"x": 1.2, "x_low": 1.1, "x_high": 1.3, "x_rounds": [1.1, 1.2, 1.3]}
+    with pytest.raises(ValueError, match="rounds"):
+        per_round([1.0], [1.0, 2.0])
+    # every training measurement is judged against the matmul peak timed in its own rounds
+    repeats = report["config"]["jacobi_repeats"]
+    jacobi = {r["variant"]: r for r in report["jacobi_training"]}
+    for row in report["utilization"]:
+        assert row["fraction_of_peak_low"] <= row["fraction_of_peak"] <= row["fraction_of_peak_high"]
+        variant = row["what"].removesuffix(" train step")
+        if variant in jacobi:
+            source = jacobi[variant]
+            assert row["fraction_of_peak_rounds"] == source["fraction_of_peak_rounds"]
+            assert len(source["overhead_rounds"]) == repeats
+            assert source["overhead"] == pytest.approx(source["time_ratio"] / source["flops_ratio"])
+    # where the time goes: one profiled step per model, its time split by the kind of operator
+    assert op_kind("aten::mm") == "matmul" and op_kind("aten::mul") == "other"
+    assert op_kind("aten::_scaled_dot_product_flash_attention_for_cpu_backward") == "attention"
+    for row in report["jacobi_training"]:
+        shares = row["time_shares"]
+        assert sum(shares.values()) == pytest.approx(1.0) and shares["matmul"] > 0 and shares["attention"] > 0
+        assert row["utilization_ceiling"] > 0
+    assert "4b. where the Jacobi section's step time goes" in format_report(report)
+    for t in report["targets"]:
+        if t["section"] != "decode_cache":
+            assert isinstance(t["decided"], bool) and t["low"] <= t["value"] <= t["high"]
+
+
+def test_compiled_twins_are_timed_beside_the_eager_steps(small_data, monkeypatch):
+    # The machinery, without paying for inductor (tests/test_fast_paths.py tests the compiled blocks):
+    # a twin whose compile_training_blocks says yes but stays eager must count the eager FLOPs.
+    from harness.bench.jacobi_training import bench_jacobi_training
+    from models.backbone import Decoder
+
+    cfg = dataclasses.replace(tiny_config(small_data, jacobi_compiled=True), jacobi_repeats=2)
+    corpus = load_corpus(small_data)
+    monkeypatch.setattr(Decoder, "compile_training_blocks", lambda self, enabled=True: True)
+    rows = bench_jacobi_training(cfg, corpus, tick=lambda: None)
+    for row in rows:
+        assert len(row["compiled_speedup_rounds"]) == 2 and row["compiled_speedup"] > 0
+        assert row["compiled_fraction_of_peak"] > 0
+    monkeypatch.setattr(Decoder, "compile_training_blocks", lambda self, enabled=True: False)  # no compiler
+    assert all("compiled_speedup" not in row for row in bench_jacobi_training(cfg, corpus, tick=lambda: None))
 
 
 def test_interleaved_timing_runs_contenders_in_turn():

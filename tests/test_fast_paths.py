@@ -9,6 +9,10 @@
   reductions between the matmuls (RMSNorm's mean in another summation order), so the last bits may
   differ; the tokens must not. Without a compiler, or when compiling fails, decoding falls back to the
   eager path and is exactly it.
+* The compiled training blocks (``Decoder.compile_training_blocks``) against eager training: loss within
+  1e-5 and every gradient within 1e-4 relative (inductor reorders reductions), the ledger exactly; without
+  a compiler, when compiling fails or a region reaches its recompile limit, training is exactly eager (a
+  failure warns once); evaluation and cached decoding never take the compiled step.
 
 No test here asserts a wall-clock time.
 """
@@ -20,7 +24,7 @@ import models.backbone as backbone
 from harness.bench import generate_cached
 from harness.core import compute, registry
 from harness.core.config import ModelConfig
-from models.backbone import Attention, Decoder, rotate
+from models.backbone import Attention, Block, Decoder, rotate
 
 TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64)
 
@@ -181,3 +185,145 @@ def test_a_failing_compiler_falls_back_to_eager_once(monkeypatch):
     with torch.no_grad(), compute.measure() as reference:
         model.decode(ids, model.new_cache(1))
     assert ledger.totals.forward_flops == reference.totals.forward_flops  # nothing counted twice
+
+
+# -- the compiled training blocks --------------------------------------------------------------------
+
+def _spy_blocks(monkeypatch) -> list[tuple[bool, bool]]:
+    """Record (ran compiled, with a key bias) for every block call."""
+    calls = []
+    original = Block.forward
+
+    def spy(self, x, plan, layer, step=None):
+        calls.append((step is not None, plan.key_bias is not None))
+        return original(self, x, plan, layer, step)
+
+    monkeypatch.setattr(Block, "forward", spy)
+    return calls
+
+
+def _train_step(model, ids, compiled: bool):
+    """One training forward and backward: (loss, gradients by name, ledger totals)."""
+    model.decoder.compile_training_blocks(compiled)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same Jacobi pass count in both runs
+    with compute.measure() as ledger:
+        out = model(ids, ids.roll(-1, 1))
+        out.loss.backward()
+    model.decoder.compile_training_blocks(False)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), grads, ledger.totals
+
+
+def _model(method, **overrides):
+    torch.manual_seed(0)
+    model = registry.build(method, overrides={**TINY, **overrides}).train()
+    if method == "ponderlm3":
+        with torch.no_grad():
+            model.router.weight.normal_(0.0, 0.3)  # a real soft mask: key biases far from 0
+    return model
+
+
+@needs_compiler
+@pytest.mark.parametrize("method,overrides", [
+    ("vanilla", {}),
+    ("ponderlm3", {"latent_steps": 2, "jacobi_passes": (2,)}),  # the key-bias channel in every latent pass
+    ("vanilla", {"n_kv_heads": 2}),  # GQA (the key-bias channel takes it through the same enable_gqa)
+])
+def test_compiled_training_blocks_equal_eager(method, overrides, monkeypatch):
+    model = _model(method, **overrides)
+    ids = torch.randint(0, 64, (2, 7))
+    eager_loss, eager_grads, eager_totals = _train_step(model, ids, compiled=False)
+    calls = _spy_blocks(monkeypatch)
+    loss, grads, totals = _train_step(model, ids, compiled=True)
+    assert calls and all(compiled for compiled, _ in calls)  # every block of every pass ran compiled
+    if method == "ponderlm3":
+        assert any(bias for _, bias in calls) and not all(bias for _, bias in calls)
+    # inductor fuses the elementwise ops and reorders reductions: equal up to float32 summation order
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=0)
+    assert grads.keys() == eager_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert totals == eager_totals  # the ledger counts the compiled blocks as the eager ones
+
+
+@needs_compiler
+def test_the_recompile_limit_warns_and_trains_eagerly(monkeypatch):
+    """A compiled region that reaches its recompile limit raises (fullgraph) instead of falling back to
+    eager silently inside dynamo: one warning, then eager, exactly."""
+    model = _model("vanilla")
+    monkeypatch.setattr(backbone, "_TRAINING_STEPS", {})
+    monkeypatch.setattr(backbone, "TRAINING_RECOMPILE_LIMIT", 1)
+    _train_step(model, torch.randint(0, 64, (2, 7)), compiled=True)  # one graph: the limit
+    ids = torch.randint(0, 64, (2, 5))  # another length: a second graph
+    eager_loss, eager_grads, _ = _train_step(model, ids, compiled=False)
+    assert model.decoder.compile_training_blocks(True)
+    with pytest.warns(RuntimeWarning, match="compiled training blocks unavailable"):
+        model.zero_grad(set_to_none=True)
+        model(ids, ids.roll(-1, 1)).loss.backward()
+    assert not model.decoder._compile_training_blocks
+    assert all(torch.equal(p.grad, eager_grads[n]) for n, p in model.named_parameters() if p.grad is not None)
+
+
+def test_without_a_compiler_training_stays_eager(monkeypatch):
+    model = _model("ponderlm3", latent_steps=2, jacobi_passes=(2,))
+    ids = torch.randint(0, 64, (2, 7))
+    eager_loss, eager_grads, eager_totals = _train_step(model, ids, compiled=False)
+    monkeypatch.setattr(backbone, "compiled_steps_available", lambda device: False)
+    assert not model.decoder.compile_training_blocks(True)
+    calls = _spy_blocks(monkeypatch)
+    loss, grads, totals = _train_step(model, ids, compiled=True)
+    assert calls and not any(compiled for compiled, _ in calls)
+    assert torch.equal(loss, eager_loss) and totals == eager_totals
+    assert all(torch.equal(grads[name], grad) for name, grad in eager_grads.items())
+
+
+def _broken_compile(fn, **kwargs):
+    def run(*args):
+        raise RuntimeError("no compiler today")
+    return run
+
+
+def test_a_failing_training_compiler_falls_back_to_eager_once(monkeypatch):
+    model = _model("vanilla")
+    ids = torch.randint(0, 64, (2, 7))
+    eager_loss, eager_grads, eager_totals = _train_step(model, ids, compiled=False)
+    monkeypatch.setattr(backbone, "compiled_steps_available", lambda device: True)
+    monkeypatch.setattr(backbone, "_ISOLATED_REGIONS", True)
+    monkeypatch.setattr(backbone, "_TRAINING_STEPS", {})
+    monkeypatch.setattr(torch, "compile", _broken_compile)
+    assert model.decoder.compile_training_blocks(True)
+    model.zero_grad(set_to_none=True)
+    with pytest.warns(RuntimeWarning, match="no compiler today") as caught, compute.measure() as ledger:
+        loss = model(ids, ids.roll(-1, 1)).loss
+        loss.backward()
+    assert len(caught) == 1 and not model.decoder._compile_training_blocks  # eager from then on
+    assert torch.equal(loss.detach(), eager_loss) and ledger.totals == eager_totals  # nothing counted twice
+    assert all(torch.equal(p.grad, eager_grads[n]) for n, p in model.named_parameters() if p.grad is not None)
+
+
+def test_evaluation_and_cached_decoding_stay_eager_with_compiled_training(monkeypatch):
+    """Without gradients, or with a cache, a mask or a kv_hook in the plan, no block takes the compiled step
+    (and nothing is compiled): the outputs are the eager ones bit for bit."""
+    model = _model("ponderlm3", latent_steps=2)
+    ids = torch.randint(0, 64, (2, 7))
+    model.eval()
+    with torch.no_grad():
+        eager_eval = model(ids, ids.roll(-1, 1)).loss
+        eager_decode = model.decode(ids, model.new_cache(2))
+    eager_cached_grad = model.decode(ids, model.new_cache(2)).logits  # gradients on, but a cache
+
+    compiled = []
+    monkeypatch.setattr(backbone, "compiled_steps_available", lambda device: True)
+    monkeypatch.setattr(backbone, "_ISOLATED_REGIONS", True)
+    monkeypatch.setattr(backbone, "_TRAINING_STEPS", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(fn) or _broken_compile(fn))
+    assert model.decoder.compile_training_blocks(True)
+    calls = _spy_blocks(monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(model(ids, ids.roll(-1, 1)).loss, eager_eval)
+        decoded = model.decode(ids, model.new_cache(2))
+    assert torch.equal(decoded.logits, eager_decode.logits) and torch.equal(decoded.steps, eager_decode.steps)
+    assert torch.equal(model.decode(ids, model.new_cache(2)).logits, eager_cached_grad)
+    assert calls and not any(ran for ran, _ in calls) and not compiled
+    assert model.decoder._compile_training_blocks  # still on: nothing failed

@@ -385,3 +385,43 @@ def test_third_party_plugin_is_swept_without_harness_changes(tmp_path, small_cor
     assert records["wide_head"]["status"] == "ok" and records["vanilla"]["status"] == "ok"
     assert records["wide_head"]["val_ppl"] > 1
     assert "wide_head" in (out / "table.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# --compile: a run option of the sweep (flag or study key), handed to every job's train_job
+
+
+def test_compile_reaches_every_job_from_the_flag_or_the_study(tmp_path, monkeypatch):
+    import argparse
+
+    import harness.sweep as sweep_module
+    from harness.commands import sweep as sweep_command
+    from harness.core.errors import ConfigError
+    from harness.plan import study
+
+    assert not any(study.load(name).compile for name in study.available())  # shipped studies stay eager
+    path = tmp_path / "compiled.toml"
+    path.write_text('budget = 1e12\nsizes = ["pico"]\ncompile = true\n[[arms]]\nmethod = "vanilla"\n')
+    assert study.load(str(path)).compile
+    seen = []
+    monkeypatch.setattr(sweep_command, "sweep", lambda request, options: seen.append(options) or
+                        sweep_module.SweepOutcome(None))
+    parser = argparse.ArgumentParser()
+    sweep_command.add_arguments(parser)
+    for argv in (["--study", str(path)], ["--budget", "1e12", "--compile"], ["--budget", "1e12"]):
+        sweep_command.run(parser.parse_args([*argv, "--dry-run", "--out", str(tmp_path / "out")]))
+    assert [options.compile_blocks for options in seen] == [True, True, False]
+
+    calls = []  # the Ray task: execute_job hands the option to train_job (a failing one: nothing trains)
+
+    def train_job(job, folder, **kwargs):
+        calls.append(kwargs)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(sweep_module, "train_job", train_job)
+    job = Job(method="vanilla", budget=1e9, size="pico")
+    for compile_blocks in (True, False):
+        record = sweep_module.execute_job(job.to_dict(), str(tmp_path / "store"), "token", [], 0, None, 1,
+                                          compile_blocks=compile_blocks)
+        assert record["status"] != "ok"
+    assert [kwargs["compile_blocks"] for kwargs in calls] == [True, False]

@@ -1,5 +1,6 @@
 """One job end to end: budget matching, determinism, resume after a kill, clear errors."""
 
+import argparse
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import time
 import pytest
 import torch
 
+import models.backbone as backbone
 from harness.core import registry
 from harness.data import DataConfig
 from harness.job import Job, TrainConfig
@@ -160,3 +162,48 @@ def test_gradient_accumulation_counts_every_micro_batch(tmp_path):
     assert accumulated["train_steps"] == plain["train_steps"]
     assert accumulated["train_tokens"] == plain["train_tokens"]
     assert abs(accumulated["train_flops"] - accumulated["budget"]) / accumulated["budget"] < 0.02
+
+
+# -- --compile: a run option, not part of the job --------------------------------------------------------
+
+def _checkpoint_files(folder):
+    return sorted(p.name for p in (folder / "checkpoint").iterdir())
+
+
+@pytest.mark.skipif(not backbone.compiled_steps_available("cpu"), reason="no C++ compiler for torch.compile")
+def test_compiled_training_writes_the_same_job(tmp_path):
+    eager = train_job(_job(), tmp_path / "eager", progress=False)
+    compiled = train_job(_job(), tmp_path / "compiled", progress=False, compile_blocks=True)
+    assert compiled["compiled_blocks"] is True and "compiled_blocks" not in eager
+    assert compiled["job_id"] == eager["job_id"]  # the same job: id, folder name, budget
+    assert (tmp_path / "compiled" / "job.json").read_text() == (tmp_path / "eager" / "job.json").read_text()
+    assert _checkpoint_files(tmp_path / "compiled") == _checkpoint_files(tmp_path / "eager")
+    assert compiled["train_flops"] == eager["train_flops"]  # the ledger counts compiled blocks alike
+    # float32 summation order differs per step (inductor), so the curves agree closely, not bitwise
+    assert _curve(tmp_path / "compiled") == pytest.approx(_curve(tmp_path / "eager"), rel=1e-3)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-3)
+
+
+def test_compile_without_a_compiler_says_so_and_trains_eagerly(tmp_path, monkeypatch, capsys):
+    train_job(_job(), tmp_path / "eager", progress=False)
+    monkeypatch.setattr(backbone, "compiled_steps_available", lambda device: False)
+    result = train_job(_job(), tmp_path / "fallback", progress=False, compile_blocks=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "--compile" in line]
+    assert len(lines) == 1 and "unavailable" in lines[0] and "training eagerly" in lines[0]
+    assert "compiled_blocks" not in result
+    assert _curve(tmp_path / "fallback") == _curve(tmp_path / "eager")  # bitwise: the eager path
+
+
+def test_train_command_passes_compile_as_a_run_option(monkeypatch):
+    from harness.commands import train as train_command
+
+    seen = []
+    monkeypatch.setattr(train_command, "train_job", lambda job, out, **kw: seen.append((job, kw)) or {})
+    parser = argparse.ArgumentParser()
+    train_command.add_arguments(parser)
+    base = ["--method", "vanilla", "--budget", "1e9", "--out", "unused", "--size", "pico"]
+    for extra in (["--compile"], []):
+        assert train_command.run(parser.parse_args(base + extra)) == 0
+    (compiled_job, compiled), (plain_job, plain) = seen
+    assert compiled["compile_blocks"] is True and plain["compile_blocks"] is False
+    assert compiled_job.job_id() == plain_job.job_id()

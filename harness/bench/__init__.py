@@ -34,9 +34,18 @@ missed, with the number):
    training-FLOPs ratio (``train_flops_per_token``, mean J). Each J the config samples is timed and the
    times averaged, which is the expected step time under the uniform draw. The ledger's count of one
    step per J is recorded beside the analytic one. Target: time ratio within 1.15x of the FLOPs ratio.
+   Where the time goes (``time_shares``): three steps per model under torch.profiler, their operators' time
+   split into matmuls, attention kernels and the rest, the FLOP/s the matmuls and the attention reached
+   (ledger FLOPs over their time), and ``utilization_ceiling``, the fraction of the peak the step would
+   reach if everything but matmuls and attention took no time: when the ceiling is under a target, no
+   amount of overhead removal meets it; only a faster attention (or matmul) kernel can.
+   With ``jacobi_compiled`` (the full profile, where torch.compile can build code) every model is also
+   timed at its largest J with ``Decoder.compile_training_blocks`` on (``train --compile``), in the same
+   rounds: ``compiled_speedup`` (eager over compiled, round by round) and ``compiled_fraction_of_peak``;
+   informational (the studies train eagerly), and its FLOPs must equal the eager step's.
 5. ``utilization`` -- achieved training FLOP/s (analytic training FLOPs per token x tokens/s) of every
-   training measurement above, as a fraction of this machine's matmul peak, measured in the same run
-   with large float32 matmuls at the same thread count. Target, at the rungs the reference study
+   training measurement above, as a fraction of this machine's matmul peak (large float32 matmuls at
+   the same thread count), timed in the same rounds as the steps. Target, at the rungs the reference study
    (``harness/studies/paper.toml``) trains each method at: vanilla >= 0.60, PonderLM-2/3 >= 0.55.
 6. ``threads`` -- training throughput per job and in total of concurrent jobs (separate processes, as
    a sweep's workers) at each thread count per job (``threads_configs``), and the thread count per job
@@ -45,8 +54,15 @@ missed, with the number):
    peak for vanilla and PonderLM-3 at 70m and 160m, and the SDPA kernel every attention call takes.
 
 Timing: every contender is warmed up, then the contenders of one comparison are run in turn
-(A, B, A, B, ...) for ``repeats`` rounds and the median of each is kept, so that a change of machine
-load during the run hits all of them alike. Load averages before and after are recorded.
+(A, B, A, B, ...) for ``repeats`` rounds, so that a change of machine load during the run hits all of
+them alike. Ratios are formed round by round (A's time over B's *in the same round*) and utilisation
+against the matmul peak timed *in the same round* (a contender of sections 1 and 4); the report gives
+each one's median, its range over the rounds (``_low``, ``_high``, ``_rounds``) and, per target,
+``decided``: whether every round alone gives the median's verdict. Why: on the 2-core VMs this
+project runs on, the speed of one and the same step drifts by 20-60% within minutes (the matmul
+peak read 77 GFLOP/s in one session and 125 in the next; vanilla pico's step 0.106 s in one section
+of a run and 0.182 s in another). A peak measured once at the start, or medians compared across
+sections, carried that drift into the verdicts. Load averages before and after are recorded.
 
 Threads: one by default. The CPU-sized models are dispatch-bound (many small kernels), where one
 thread is as fast as two, and on a machine shared with other work a second OpenMP thread that gets
@@ -58,9 +74,12 @@ from harness.bench.common import (
                                   SCHEMA_VERSION,
                                   SECTIONS,
                                   BenchConfig,
+                                  PerRound,
                                   Timing,
                                   measure_matmul_peak,
                                   methods_with_role,
+                                  op_kind,
+                                  per_round,
                                   time_interleaved,
 )
 from harness.bench.decode_cache import bench_decode_cache, generate_cached, generate_recomputing
@@ -71,7 +90,7 @@ from harness.bench.run import benchmark, format_report, target_rows, utilization
 from harness.bench.threads import bench_threads
 from harness.bench.train_throughput import bench_train_throughput, to_transformers_llama
 
-__all__ = ["SCHEMA_VERSION", "SECTIONS", "BenchConfig", "Timing", "bench_decode_cache", "bench_gpu",
+__all__ = ["SCHEMA_VERSION", "SECTIONS", "BenchConfig", "PerRound", "Timing", "bench_decode_cache", "bench_gpu",
            "bench_jacobi_training", "bench_pruned_decode", "bench_threads", "bench_train_throughput", "benchmark",
            "format_report", "generate_cached", "generate_recomputing", "measure_matmul_peak", "methods_with_role",
-           "target_rows", "time_interleaved", "to_transformers_llama", "utilization_rows"]
+           "op_kind", "per_round", "target_rows", "time_interleaved", "to_transformers_llama", "utilization_rows"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +19,7 @@ from harness.core.config import CPU_SIZES, SIZES, ConfigError
 from harness.core.registry import Plugin
 from harness.data import DataConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: ratios and utilisation per round, peak timed inside each section
 SECTIONS = ("train", "decode", "prune", "jacobi", "threads", "gpu")
 
 # The targets the project set (see the docstring of harness/bench/__init__.py).
@@ -62,7 +64,8 @@ class BenchConfig:
     jacobi_size: str = "pico"
     jacobi_batch: int = 16
     jacobi_latent_steps: tuple[int, ...] = (1, 3)
-    jacobi_repeats: int = 3
+    jacobi_repeats: int = 5  # rounds: each gives a ratio and a utilisation of its own (PerRound)
+    jacobi_compiled: bool = True  # also time each model's step (largest J) with its blocks compiled
     # 5. the matmul peak: n x n float32 matmuls
     peak_matmul_n: int = 2048
     # 6. threads per job: (concurrent jobs, threads per job) configurations of one training job each
@@ -129,7 +132,8 @@ class BenchConfig:
         """Same measurements on smaller shapes and fewer rounds (under two minutes on two cores)."""
         return cls(**{"profile": "quick", "warmup": 1, "repeats": 3, "seq_len": 64, "batch_size": 8,
                       "decode_tokens": 128, "decode_repeats": 2, "prune_seq_len": 32, "prune_batch": 2,
-                      "jacobi_batch": 4, "jacobi_latent_steps": (3,), "jacobi_repeats": 2, "peak_matmul_n": 1024,
+                      "jacobi_batch": 4, "jacobi_latent_steps": (3,), "jacobi_repeats": 2, "jacobi_compiled": False,
+                      "peak_matmul_n": 1024,
                       "threads_method": "vanilla", "threads_batch": 8, "threads_seq_len": 64,
                       "gpu_sizes": ("70m",), "gpu_repeats": 3, **changes})
 
@@ -172,15 +176,117 @@ def time_interleaved(contenders: dict[str, Callable[[], Any]], warmup: int, repe
     return {name: Timing(statistics.median(s), s) for name, s in samples.items()}
 
 
-def measure_matmul_peak(n: int, repeats: int = 5) -> dict[str, float]:
-    """FLOP/s of n x n float32 matmuls (2 n^3 FLOPs each) at the current thread count: the peak."""
+@dataclass
+class PerRound:
+    """A quantity computed in every timed round (from that round's samples only): median and range.
+
+    Ratios and utilisations are formed round by round -- A's time over B's time *in the same round*,
+    FLOP/s over the matmul peak measured *in the same round* -- so a drift of the machine's speed
+    between rounds (measured on these VMs: 20-60% within minutes) cancels instead of landing in the
+    result. ``decided(target, at_most)``: whether every round is on the median's side of a target.
+    """
+
+    values: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def low(self) -> float:
+        return min(self.values)
+
+    @property
+    def high(self) -> float:
+        return max(self.values)
+
+    def met(self, target: float, at_most: bool) -> bool:
+        return self.median <= target if at_most else self.median >= target
+
+    def decided(self, target: float, at_most: bool) -> bool:
+        """True when every round alone gives the median's verdict (the noise does not reach the target)."""
+        met = self.met(target, at_most)
+        return all((v <= target if at_most else v >= target) == met for v in self.values)
+
+    def as_dict(self, name: str) -> dict[str, Any]:
+        return {name: self.median, f"{name}_low": self.low, f"{name}_high": self.high, f"{name}_rounds": self.values}
+
+
+def per_round(numerators: list[float], denominators: list[float]) -> PerRound:
+    """Round-by-round quotients of two equally long sample lists."""
+    if len(numerators) != len(denominators):
+        raise ValueError(f"per_round: {len(numerators)} against {len(denominators)} rounds")
+    return PerRound([a / b for a, b in zip(numerators, denominators)])
+
+
+PEAK = "matmul peak"  # the contender that measures the peak inside a section's rounds
+
+
+def peak_contender(n: int) -> tuple[Callable[[], Any], float]:
+    """An n x n float32 matmul as a timed contender and its FLOPs (2 n^3): timed in the same rounds as
+    the training steps, it gives each round's peak, so utilisation is judged against the machine's
+    speed at that moment."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=generator)
     b = torch.randn(n, n, generator=generator)
     out = torch.empty(n, n)
-    timing = time_interleaved({"matmul": lambda: torch.mm(a, b, out=out)}, warmup=2, repeats=repeats)["matmul"]
-    return {"n": n, "seconds": timing.median, "flops_per_s": 2.0 * n ** 3 / timing.median}
+    return (lambda: torch.mm(a, b, out=out)), 2.0 * n ** 3
 
+
+def measure_matmul_peak(n: int, repeats: int = 5) -> dict[str, float]:
+    """FLOP/s of n x n float32 matmuls (2 n^3 FLOPs each) at the current thread count: the peak."""
+    matmul, flops = peak_contender(n)
+    timing = time_interleaved({"matmul": matmul}, warmup=2, repeats=repeats)["matmul"]
+    return {"n": n, "seconds": timing.median, "flops_per_s": flops / timing.median}
+
+
+# Operator names by the kind of work (torch.profiler keys): weight matmuls, and attention kernels whatever
+# backend SDPA picked; everything else (elementwise, norms, copies, the loss's softmax) is "other".
+MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul"})
+
+
+def op_kind(name: str) -> str:
+    if name in MATMUL_OPS:
+        return "matmul"
+    if "scaled_dot_product" in name or "flash_attention" in name or "efficient_attention" in name:
+        return "attention"
+    return "other"
+
+
+def profile_step(fn: Callable[[], Any], repeats: int = 3) -> dict[str, float]:
+    """Seconds of one call of ``fn`` spent in matmuls, attention kernels and everything else: self CPU time
+    of every operator under torch.profiler (which adds a little to "other"), the median of ``repeats``
+    profiled calls per kind, since a single call takes the machine's hiccups whole."""
+    from torch.profiler import ProfilerActivity, profile
+
+    samples: dict[str, list[float]] = {"matmul": [], "attention": [], "other": []}
+    for _ in range(repeats):
+        prof = profile(activities=[ProfilerActivity.CPU])
+        with _stderr_silenced():  # the profiler's C++ side prints a line at start and at stop
+            prof.start()
+        fn()
+        with _stderr_silenced():
+            prof.stop()
+        seconds = dict.fromkeys(samples, 0.0)
+        for event in prof.key_averages():
+            seconds[op_kind(event.key)] += event.self_cpu_time_total / 1e6
+        for kind, t in seconds.items():
+            samples[kind].append(t)
+    return {kind: statistics.median(ts) for kind, ts in samples.items()}
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the duration (what native code prints; Python's stderr is flushed)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def train_step(forward: Callable[[], torch.Tensor], module: torch.nn.Module) -> Callable[[], None]:
@@ -214,6 +320,9 @@ def load_average() -> list[float] | None:
         return None
 
 
-__all__ = ["BenchConfig", "SCHEMA_VERSION", "SECTIONS", "TARGET_DECODE_SPEEDUP", "TARGET_DECODE_TOKENS",
+__all__ = ["PEAK", "BenchConfig", "PerRound", "SCHEMA_VERSION", "SECTIONS", "TARGET_DECODE_SPEEDUP",
+           "TARGET_DECODE_TOKENS",
            "TARGET_JACOBI_OVERHEAD", "TARGET_PRUNE_EFFICIENCY", "TARGET_TRAIN_RATIO", "TARGET_UTILIZATION", "Timing",
-           "load_average", "machine_info", "measure_matmul_peak", "methods_with_role", "time_interleaved", "train_step"]
+           "load_average", "machine_info", "measure_matmul_peak", "methods_with_role", "op_kind", "peak_contender",
+           "per_round", "profile_step",
+           "time_interleaved", "train_step"]

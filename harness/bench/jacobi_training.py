@@ -7,13 +7,25 @@ method without one runs at its defaults).
 
 from __future__ import annotations
 
+import copy
 import statistics
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from harness.bench.common import TARGET_JACOBI_OVERHEAD, BenchConfig, methods_with_role, time_interleaved, train_step
+from harness.bench.common import (
+    PEAK,
+    TARGET_JACOBI_OVERHEAD,
+    BenchConfig,
+    PerRound,
+    methods_with_role,
+    peak_contender,
+    per_round,
+    profile_step,
+    time_interleaved,
+    train_step,
+)
 from harness.core import compute, registry
 from harness.core.registry import Plugin
 from harness.data import TokenizedCorpus, batch_at
@@ -52,9 +64,10 @@ def bench_jacobi_training(cfg: BenchConfig, corpus: TokenizedCorpus, tick) -> li
         models[key] = (name, registry.build(name, cfg.jacobi_size, {"vocab_size": corpus.vocab_size,
                                                                      **overrides}).train())
 
-    # One contender per (model, J): J is a forward argument, so each is timed at a fixed J.
+    # One contender per (model, J): J is a forward argument, so each is timed at a fixed J. The matmul
+    # peak runs in the same rounds, so each round's utilisation is judged against that round's peak.
     contenders: dict[str, Callable[[], None]] = {}
-    ledger_flops: dict[str, float] = {}
+    ledgers: dict[str, compute.LedgerTotals] = {}
     for key, (name, model) in models.items():
         passes = model.config.jacobi_passes if name != REFERENCE else (None,)
         for j in passes:
@@ -63,37 +76,91 @@ def bench_jacobi_training(cfg: BenchConfig, corpus: TokenizedCorpus, tick) -> li
             contenders[contender] = train_step(lambda m=model, kw=kwargs: m(inputs, targets, **kw).loss, model)
             with compute.measure() as ledger:
                 contenders[contender]()
-            ledger_flops[contender] = ledger.totals.train_flops / tokens
+            ledgers[contender] = ledger.totals
+    compiled = compiled_twins(models) if cfg.jacobi_compiled else {}
+    for key, model in compiled.items():  # timed at the largest J; its first call (the ledger's) compiles
+        last = [k for k in contenders if k == key or k.startswith(key + "/J=")][-1]
+        passes = {} if models[key][0] == REFERENCE else {"jacobi_passes": max(model.config.jacobi_passes)}
+        contenders[f"{key}/compiled"] = train_step(lambda m=model, kw=passes: m(inputs, targets, **kw).loss, model)
+        with compute.measure() as ledger:
+            contenders[f"{key}/compiled"]()
+        if ledger.totals.train_flops != ledgers[last].train_flops:
+            raise RuntimeError(f"bench: the compiled {key} counted {ledger.totals.train_flops:.6g} FLOPs, eager "
+                               f"{ledgers[last].train_flops:.6g}")
+    contenders[PEAK], peak_flops = peak_contender(cfg.peak_matmul_n)
     timings = time_interleaved(contenders, cfg.warmup, cfg.jacobi_repeats, tick)
+    peaks = [peak_flops / t for t in timings[PEAK].samples]
 
-    reference_seconds = timings[REFERENCE].median
+    reference_steps = timings[REFERENCE].samples
     reference_flops = models[REFERENCE][1].train_flops_per_token(cfg.seq_len)
     rows = []
     for key, (name, model) in models.items():
-        keys = [k for k in contenders if k == key or k.startswith(key + "/")]
-        seconds = statistics.fmean(timings[k].median for k in keys)  # uniform draw of J
-        measured = statistics.fmean(ledger_flops[k] for k in keys)
+        keys = [k for k in contenders if k == key or k.startswith(key + "/J=")]
+        # a round's step time under the uniform draw of J: the mean over the J values of that round
+        steps = [statistics.fmean(timings[k].samples[r] for k in keys) for r in range(len(reference_steps))]
+        measured = statistics.fmean(ledgers[k].train_flops / tokens for k in keys)
         analytic = model.train_flops_per_token(cfg.seq_len)
-        time_ratio, flops_ratio = seconds / reference_seconds, analytic / reference_flops
+        flops_ratio = analytic / reference_flops
+        time_ratio = per_round(steps, reference_steps)
+        overhead = PerRound([t / flops_ratio for t in time_ratio.values])
+        utilisation = per_round([analytic * tokens / s for s in steps], peaks)
         row = {
             "method": name, "variant": key, "size": cfg.jacobi_size, "batch_size": cfg.jacobi_batch,
             "seq_len": cfg.seq_len, "latent_steps": model.max_extra_steps(),
             "jacobi_passes": [] if name == REFERENCE else list(model.config.jacobi_passes),
-            "step_seconds": seconds, "tokens_per_s": tokens / seconds,
+            "step_seconds": statistics.median(steps), "tokens_per_s": tokens / statistics.median(steps),
             "train_flops_per_token": analytic, "ledger_train_flops_per_token": measured,
-            "time_ratio": time_ratio, "flops_ratio": flops_ratio, "overhead": time_ratio / flops_ratio,
+            "time_ratio": time_ratio.median, "flops_ratio": flops_ratio, **overhead.as_dict("overhead"),
+            **utilisation.as_dict("fraction_of_peak"), "peak_flops_per_s": statistics.median(peaks),
             "spread": max(timings[k].spread for k in keys),
+            **where_the_time_goes(contenders[keys[-1]], ledgers[keys[-1]], statistics.median(peaks)),
         }
+        if key in compiled:  # the same step (largest J) through Decoder.compile_training_blocks
+            eager, fast = timings[keys[-1]].samples, timings[f"{key}/compiled"].samples
+            row.update(**per_round(eager, fast).as_dict("compiled_speedup"),
+                       **per_round([ledgers[keys[-1]].train_flops / t for t in fast], peaks).as_dict(
+                           "compiled_fraction_of_peak"))
         if name != REFERENCE:
-            row.update(target=TARGET_JACOBI_OVERHEAD, met=time_ratio / flops_ratio <= TARGET_JACOBI_OVERHEAD)
+            row.update(target=TARGET_JACOBI_OVERHEAD, met=overhead.met(TARGET_JACOBI_OVERHEAD, at_most=True),
+                       decided=overhead.decided(TARGET_JACOBI_OVERHEAD, at_most=True))
         rows.append(row)
     return rows
+
+
+def compiled_twins(models: dict[str, tuple[str, torch.nn.Module]]) -> dict[str, torch.nn.Module]:
+    """A copy of every model with ``Decoder.compile_training_blocks`` on (same weights); none where torch.compile
+    cannot build code here."""
+    twins = {}
+    for key, (_, model) in models.items():
+        twin = copy.deepcopy(model)
+        if not twin.decoder.compile_training_blocks():
+            return {}
+        twins[key] = twin
+    return twins
+
+
+def where_the_time_goes(step: Callable[[], None], ledger: compute.LedgerTotals, peak: float) -> dict[str, Any]:
+    """Profiled steps (at the largest J; per kind the median of three): the shares of the step's time in
+    matmuls, attention kernels and the rest, the FLOP/s each kind reached, and ``utilization_ceiling``: the
+    fraction of the peak the step would reach if everything but matmuls and attention took no time -- the
+    most that removing overhead can give.
+    """
+    seconds = profile_step(step)
+    total = sum(seconds.values())
+    grad_factor = ledger.train_flops / ledger.forward_flops  # 3 when every pass is trained
+    flops = {"matmul": grad_factor * (ledger.matmul_flops + ledger.other_flops),
+             "attention": grad_factor * ledger.attention_flops}
+    rates = {f"{kind}_flops_per_s": flops[kind] / seconds[kind] if seconds[kind] > 0 else None for kind in flops}
+    return {"time_shares": {kind: t / total for kind, t in seconds.items()}, **rates,
+            "utilization_ceiling": sum(flops.values()) / ((seconds["matmul"] + seconds["attention"]) * peak)}
 
 
 def planned_runs(cfg: BenchConfig) -> int:
     """Timed calls of :func:`bench_jacobi_training` (for the progress bar)."""
     passes = sum(len(_passes(registry.get(name), cfg, overrides)) for _, name, overrides in jacobi_variants(cfg))
-    return cfg.jacobi_repeats * (1 + passes)
+    compiled = 1 + len(jacobi_variants(cfg)) if cfg.jacobi_compiled else 0
+    return cfg.jacobi_repeats * (2 + passes + compiled)  # + vanilla + the matmul peak + compiled twins
 
 
-__all__ = ["REFERENCE", "bench_jacobi_training", "jacobi_methods", "jacobi_variants", "planned_runs"]
+__all__ = ["REFERENCE", "bench_jacobi_training", "jacobi_methods", "jacobi_variants", "planned_runs",
+           "where_the_time_goes"]

@@ -17,6 +17,7 @@ from harness.bench.common import (
     TARGET_DECODE_TOKENS,
     TARGET_UTILIZATION,
     BenchConfig,
+    PerRound,
     load_average,
     machine_info,
     measure_matmul_peak,
@@ -45,27 +46,31 @@ def study_rungs(name: str = UTILIZATION_STUDY) -> dict[str, set[str]]:
 
 
 def utilization_rows(report: dict[str, Any], rungs: dict[str, set[str]] | None = None) -> list[dict[str, Any]]:
-    """Achieved training FLOP/s of every training measurement over the matmul peak; rows of our models at
-    a rung the reference study trains them at carry the target (``rungs``: :func:`study_rungs`)."""
-    peak = report["peak_matmul"]["flops_per_s"]
+    """Achieved training FLOP/s of every training measurement over the matmul peak timed in the same rounds
+    (round by round, then the median and range); rows of our models at a rung the reference study trains
+    them at carry the target (``rungs``: :func:`study_rungs`)."""
     rungs = study_rungs() if rungs is None else rungs
     rows = []
 
-    def add(what: str, method: str | None, size: str, achieved: float, target: float | None) -> None:
-        row = {"what": what, "size": size, "flops_per_s": achieved, "fraction_of_peak": achieved / peak}
+    def add(what: str, method: str | None, size: str, achieved: float, row: dict[str, Any], field: str,
+            target: float | None) -> None:
+        fraction = PerRound(row[f"{field}_rounds"])
+        out = {"what": what, "size": size, "flops_per_s": achieved, "peak_flops_per_s": row["peak_flops_per_s"],
+               **fraction.as_dict("fraction_of_peak")}
         if method is not None and size in rungs.get(method, ()):
-            row.update(target=target, met=achieved / peak >= target)
-        rows.append(row)
+            out.update(target=target, met=fraction.met(target, at_most=False),
+                       decided=fraction.decided(target, at_most=False))
+        rows.append(out)
 
     for row in report.get("train_throughput", []):
         add("ours vanilla train step", "vanilla", row["size"], row["train_flops_per_token"] * row["ours_tokens_per_s"],
-            TARGET_UTILIZATION["vanilla"])
+            row, "ours_fraction_of_peak", TARGET_UTILIZATION["vanilla"])
         add("transformers vanilla train step", None, row["size"],
-            row["train_flops_per_token"] * row["transformers_tokens_per_s"], None)
+            row["train_flops_per_token"] * row["transformers_tokens_per_s"], row, "transformers_fraction_of_peak", None)
     for row in report.get("jacobi_training", []):
         kind = "vanilla" if row["method"] == REFERENCE else "jacobi"
         add(f"{row.get('variant', row['method'])} train step", row["method"], row["size"],
-            row["train_flops_per_token"] * row["tokens_per_s"], TARGET_UTILIZATION[kind])
+            row["train_flops_per_token"] * row["tokens_per_s"], row, "fraction_of_peak", TARGET_UTILIZATION[kind])
     return rows
 
 
@@ -75,7 +80,8 @@ def target_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for r in report.get("train_throughput", []):
         rows.append({"section": "train_throughput", "what": f"vanilla {r['size']}: ours / transformers tokens/s",
-                     "value": r["ratio"], "target": f">= {r['target']:g}", "met": r["met"]})
+                     "value": r["ratio"], "low": r["ratio_low"], "high": r["ratio_high"],
+                     "target": f">= {r['target']:g}", "met": r["met"], "decided": r["decided"]})
     for r in report.get("decode_cache", []):
         path = "compiled cached" if r.get("compiled") else "cached"
         rows.append({"section": "decode_cache", "what": f"{path} vs recompute, {r['generated_tokens']} tokens, "
@@ -84,16 +90,20 @@ def target_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     for r in report.get("pruned_decode", []):
         rows.append({"section": "pruned_decode", "what": f"wall saving / FLOPs saving ({r['pruned_fraction']:.0%} "
                                                          "of latent steps pruned)",
-                     "value": r["efficiency"], "target": f">= {r['target']:g}", "met": r["met"]})
+                     "value": r["efficiency"], "low": r["efficiency_low"], "high": r["efficiency_high"],
+                     "target": f">= {r['target']:g}", "met": r["met"], "decided": r["decided"]})
     for r in report.get("jacobi_training", []):
         if "target" in r:
             rows.append({"section": "jacobi_training",
                          "what": f"{r.get('variant', r['method'])} {r['size']}: time ratio / FLOPs ratio",
-                         "value": r["overhead"], "target": f"<= {r['target']:g}", "met": r["met"]})
+                         "value": r["overhead"], "low": r["overhead_low"], "high": r["overhead_high"],
+                         "target": f"<= {r['target']:g}", "met": r["met"], "decided": r["decided"]})
     for r in report.get("utilization", []):
         if "target" in r:
             rows.append({"section": "utilization", "what": f"{r['what']} {r['size']}: fraction of the matmul peak",
-                         "value": r["fraction_of_peak"], "target": f">= {r['target']:g}", "met": r["met"]})
+                         "value": r["fraction_of_peak"], "low": r["fraction_of_peak_low"],
+                         "high": r["fraction_of_peak_high"], "target": f">= {r['target']:g}", "met": r["met"],
+                         "decided": r["decided"]})
     return rows
 
 
@@ -109,7 +119,7 @@ def benchmark(cfg: BenchConfig, progress: bool = True, corpus: TokenizedCorpus |
                                   "machine": machine_info() | {"load_before": load_average()}}
         if corpus is None:
             corpus = load_corpus(cfg.data)
-        plan = {"train": len(cfg.sizes) * 2 * cfg.repeats,
+        plan = {"train": len(cfg.sizes) * 3 * cfg.repeats,
                 "decode": len(cfg.decode_batches) * (3 if cfg.decode_compile else 2) * cfg.decode_repeats,
                 "prune": 2 * cfg.repeats * len(methods_with_role(PRUNED_DECODING)),
                 "jacobi": planned_runs(cfg), "threads": len(cfg.threads_configs),
@@ -166,6 +176,11 @@ def _table(title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str]
             *(line(c) for c in cells), ""]
 
 
+def _with_agreement(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with ``decided`` shown as whether every round agrees with the verdict ("yes" / "no")."""
+    return [{**r, "decided": ("yes" if r["decided"] else "no")} if "decided" in r else r for r in rows]
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable tables of a report."""
     m, peak = report["machine"], report["peak_matmul"]
@@ -174,9 +189,10 @@ def format_report(report: dict[str, Any]) -> str:
            f"{m.get('load_after')}; {report.get('seconds', 0):.0f} s",
            f"matmul peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s ({peak['n']}x{peak['n']} float32)", ""]
     out += _table("1. training step throughput, vanilla vs transformers LlamaForCausalLM (float32, same loss)",
-                  report.get("train_throughput", []),
+                  _with_agreement(report.get("train_throughput", [])),
                   [("size", "size"), ("ours_tokens_per_s", "ours tok/s"), ("transformers_tokens_per_s", "HF tok/s"),
-                   ("ratio", "ratio"), ("max_logit_diff", "logit diff"), ("met", "target >= 1")])
+                   ("ratio", "ratio"), ("ratio_low", "min"), ("ratio_high", "max"), ("max_logit_diff", "logit diff"),
+                   ("met", "target >= 1"), ("decided", "every round")])
     out += _table("2. cached decoding vs recomputing the prefix (vanilla, greedy)", report.get("decode_cache", []),
                   [("size", "size"), ("batch_size", "batch"), ("generated_tokens", "tokens"),
                    ("cached_seconds", "cached s"), ("recompute_seconds", "recompute s"),
@@ -185,19 +201,30 @@ def format_report(report: dict[str, Any]) -> str:
                    ("compiled_tokens_agree", "agree"), ("met", "target >= 10x")])
     for row in report.get("pruned_decode", []):
         method, twin = row["method"], row["twin"]
-        out += _table(f"3. {method} hard-pruned decoding vs {twin} (model.score, ledger FLOPs)", [row],
+        out += _table(f"3. {method} hard-pruned decoding vs {twin} (model.score, ledger FLOPs)", _with_agreement([row]),
                       [("size", "size"), ("latent_steps", "K"), ("pruned_fraction", "pruned"),
                        (f"{twin}_seconds", f"{twin} s"), (f"{method}_seconds", f"{method} s"),
                        ("flops_saving", "FLOPs saved"), ("wall_saving", "time saved"), ("efficiency", "ratio"),
-                       ("met", "target >= 0.8")])
-    out += _table("4. Jacobi training step vs vanilla (mean over the J values drawn)",
-                  report.get("jacobi_training", []),
+                       ("efficiency_low", "min"), ("efficiency_high", "max"), ("met", "target >= 0.8"),
+                       ("decided", "every round")])
+    out += _table("4. Jacobi training step vs vanilla (mean over the J values drawn; ratios round by round)",
+                  _with_agreement(report.get("jacobi_training", [])),
                   [("variant", "method"), ("size", "size"), ("step_seconds", "step s"), ("time_ratio", "time x"),
-                   ("flops_ratio", "FLOPs x"), ("overhead", "time/FLOPs"), ("met", "target")])
-    out += _table("5. achieved training FLOP/s as a fraction of the matmul peak (target at the study's rungs)",
-                  report.get("utilization", []),
-                  [("what", "what"), ("size", "size"), ("flops_per_s", "FLOP/s"), ("fraction_of_peak", "of peak"),
-                   ("target", "target"), ("met", "met")])
+                   ("flops_ratio", "FLOPs x"), ("overhead", "time/FLOPs"), ("overhead_low", "min"),
+                   ("overhead_high", "max"), ("met", "target"), ("decided", "every round"),
+                   ("compiled_speedup", "compiled x"), ("compiled_fraction_of_peak", "compiled of peak")])
+    out += _table("4b. where the Jacobi section's step time goes (profiled steps at the largest J; ceiling: "
+                  "the fraction of the peak with everything but matmuls and attention free)",
+                  [{**r, **{f"share_{k}": v for k, v in r["time_shares"].items()}}
+                   for r in report.get("jacobi_training", []) if "time_shares" in r],
+                  [("variant", "method"), ("share_matmul", "matmul"), ("share_attention", "attention"),
+                   ("share_other", "other"), ("matmul_flops_per_s", "matmul FLOP/s"),
+                   ("attention_flops_per_s", "attention FLOP/s"), ("utilization_ceiling", "ceiling")])
+    out += _table("5. achieved training FLOP/s as a fraction of the matmul peak timed in the same rounds "
+                  "(target at the study's rungs)", _with_agreement(report.get("utilization", [])),
+                  [("what", "what"), ("size", "size"), ("flops_per_s", "FLOP/s"), ("peak_flops_per_s", "peak"),
+                   ("fraction_of_peak", "of peak"), ("fraction_of_peak_low", "min"), ("fraction_of_peak_high", "max"),
+                   ("target", "target"), ("met", "met"), ("decided", "every round")])
     threads = report.get("threads")
     if threads:
         out += _table(f"6. threads per job: {threads['method']} {threads['size']} training, concurrent jobs "
@@ -216,8 +243,14 @@ def format_report(report: dict[str, Any]) -> str:
         out.append("")
     judged = [t for t in report.get("targets", []) if t["met"] is not None]
     out.append(f"targets met: {sum(t['met'] for t in judged)} of {len(judged)}")
-    out += [f"  MISSED  {t['section']}: {t['what']} = {_fmt(t['value'])} (target {t['target']})"
-            for t in judged if not t["met"]]
+    for t in judged:
+        spread = f", rounds {_fmt(t['low'])}-{_fmt(t['high'])}" if "low" in t else ""
+        if not t["met"]:
+            out.append(f"  MISSED  {t['section']}: {t['what']} = {_fmt(t['value'])} (target {t['target']}{spread})")
+    undecided = [t for t in judged if t.get("decided") is False]
+    if undecided:
+        out.append(f"  {len(undecided)} verdict(s) within this run's noise (some rounds alone give the other verdict): "
+                   + "; ".join(f"{t['what']}" for t in undecided))
     unjudged = len(report.get("targets", [])) - len(judged)
     if unjudged:
         out.append(f"  ({unjudged} not judged: decoding targets are defined at {TARGET_DECODE_TOKENS} generated "

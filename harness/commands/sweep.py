@@ -1,8 +1,8 @@
 """``python -m harness sweep``: a study or a budget, on Ray; resumable; writes runs, plots, tables and claims.
 
 ``python -m harness sweep [--study NAME] [--budget FLOPS] [--methods a,b] [--seeds N] [--out DIR]
-[--address ADDR] [--devices-per-job N [--parallel ddp|fsdp]] [--dry-run] [--yes] [--match train-flops|tokens]
-[--tasks arc_easy,...] [--set k=v ...]``
+[--address ADDR] [--devices-per-job N [--parallel ddp|fsdp]] [--compile] [--dry-run] [--yes]
+[--match train-flops|tokens] [--tasks arc_easy,...] [--set k=v ...]``
 
 Without ``--study`` or ``--budget`` it runs the study ``quick`` (harness/studies/quick.toml): the
 default main job, under 15 minutes on a 2-core CPU, evaluation included.
@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yes", action="store_true", help="run even if the plan exceeds the hardware found")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="forward the workers' logs")
+    parser.add_argument("--compile", action="store_true",
+                        help="train every job with its blocks through torch.compile (tens of seconds of compiling "
+                             "per input shape, then faster steps: for long jobs; default: the study's compile, "
+                             "else off); changes no job id")
 
 
 def _default_out(budget: float, match: str) -> str:
@@ -60,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     options = SweepOptions(  # the request holds --devices-per-job/--parallel, or the study's values
         out=out, address=args.address, cpus=args.cpus, cpus_per_job=args.cpus_per_job, retries=args.retries,
         devices_per_job=request.devices_per_job, parallel=request.parallel,
+        compile_blocks=bool(args.compile or (loaded is not None and loaded.compile)),
         tasks=tasks, num_fewshot=num_fewshot, task_limit=task_limit, dry_run=args.dry_run, yes=args.yes,
         progress=not args.no_progress, verbose=args.verbose, study_text=loaded.text if loaded else None)
     outcome = sweep(request, options)

@@ -2,7 +2,8 @@
 
 ``--devices N`` (N > 1) trains it on N devices through Ray Train (:mod:`harness.distributed`,
 ``--parallel ddp|fsdp``; ``--address`` joins a Ray cluster); the job, its id and its folder are the same
-at any N.
+at any N. ``--compile`` runs the blocks of every training forward through torch.compile (off by default:
+compiling costs tens of seconds per input shape, which long jobs repay); like N, it changes no job id.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instance); the --out folder must be on storage every node sees")
     parser.add_argument("--cpus-per-device", type=int, default=1,
                         help="with --devices N on CPUs: CPU cores (torch threads) per worker")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the blocks of every training forward through torch.compile (tens of seconds "
+                             "of compiling per input shape, then faster steps: for long jobs); not part of the job")
 
 
 def job_from_args(args: argparse.Namespace) -> Job:
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         plugin.make_config(job.size, job.model)
     if args.devices > 1:
         options = RunOptions(devices=args.devices, parallel=args.parallel, address=args.address,
-                             cpus_per_worker=args.cpus_per_device)
+                             cpus_per_worker=args.cpus_per_device, compile_blocks=args.compile)
         check_devices(job.train, args.devices)
         check_feasible(job, args.yes, args.devices)
         result = train_distributed(job, args.out, options, progress=not args.no_progress, force=args.force)
@@ -79,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         if args.devices < 1:
             raise ConfigError(f"--devices {args.devices}: must be at least 1")
         check_feasible(job, args.yes)
-        result = train_job(job, args.out, progress=not args.no_progress, force=args.force)
+        result = train_job(job, args.out, progress=not args.no_progress, force=args.force,
+                           compile_blocks=args.compile)
     if result.get("flops_warning"):
         print(f"warning: {result['flops_warning']}", file=sys.stderr)
     keys = ("method", "size", "params", "train_tokens", "train_flops", "val_loss", "val_ppl",

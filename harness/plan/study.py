@@ -23,6 +23,7 @@ Schema (every key optional unless marked)::
     gpu = "h100"                 # estimate on this GPU (plans offline for a cluster)
     devices_per_job = 8          # train each job on 8 devices through Ray Train (harness/distributed.py)
     parallel = "fsdp"            # with devices_per_job: "ddp" (default) or "fsdp"; neither changes a job's id
+    compile = true               # train the blocks through torch.compile (sweep --compile); no job's id changes
 
     [[arms]]                     # one per line of the comparison (at least one)
     method = "ponderlm3"         # required: a registered method
@@ -34,7 +35,7 @@ Schema (every key optional unless marked)::
 
 Command-line flags still work with a study: ``--budget``, ``--match``, ``--sizes``, ``--seeds``,
 ``--devices-per-job`` and ``--parallel`` replace the study's value, ``--set`` adds to its pairs (and
-wins), ``--methods`` keeps only those arms.
+wins), ``--methods`` keeps only those arms; ``sweep --compile`` compiles even where the study does not.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ else:  # pragma: no cover - Python 3.10
 
 STUDY_SUFFIX = ".toml"
 _TOP_KEYS = {"description", "protocol", "budget", "tokens", "reference_size", "sizes", "seeds", "set", "tasks",
-             "task_limit", "num_fewshot", "gpu", "devices_per_job", "parallel", "arms"}
+             "task_limit", "num_fewshot", "gpu", "devices_per_job", "parallel", "compile", "arms"}
 _ARM_KEYS = {"method", "label", "values", "vary", "seeds", "sizes"}
 
 
@@ -86,6 +87,7 @@ class Study:
     arms: list[Arm] = field(default_factory=list)
     devices_per_job: int = 1  # run options of the sweep, never part of a job (its id does not depend on them)
     parallel: str = "ddp"
+    compile: bool = False  # the sweep's --compile (harness.train.train_job's compile_blocks)
 
     def request(self, *, budget: float | None = None, match: str | None = None, sizes: list[str] | None = None,
                 seeds: int | None = None, overrides: list[str] | None = None, methods: list[str] | None = None,
@@ -187,7 +189,8 @@ def _parse(raw: dict[str, Any], path: pathlib.Path, text: str) -> Study:
         reference_size=_get(raw, "reference_size", str, where, None), sizes=_str_list(raw, "sizes", where),
         seeds=seeds, overrides=_str_list(raw, "set", where) or [], tasks=_str_list(raw, "tasks", where) or [],
         task_limit=_get(raw, "task_limit", int, where, None), num_fewshot=_get(raw, "num_fewshot", int, where, 0),
-        gpu=_get(raw, "gpu", str, where, None), devices_per_job=devices, parallel=parallel)
+        gpu=_get(raw, "gpu", str, where, None), devices_per_job=devices, parallel=parallel,
+        compile=_get(raw, "compile", bool, where, False))
     for i, arm in enumerate(arms_raw):
         study.arms.extend(_arms(arm, f"{where}: arms[{i}]", study.sizes))
     return study
