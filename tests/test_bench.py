@@ -197,6 +197,21 @@ def test_ratios_and_utilisation_are_formed_round_by_round(report):
             assert isinstance(t["decided"], bool) and t["low"] <= t["value"] <= t["high"]
 
 
+def test_utilisation_ceiling_by_hand(monkeypatch):
+    import harness.bench.jacobi_training as jacobi
+    from harness.core.compute import LedgerTotals
+
+    # 3 FLOPs of matmul and 1 of attention per forward, all trained (x3); 1 s of matmuls, 2 s of attention
+    ledger = LedgerTotals(forward_flops=4.0, train_flops=12.0, matmul_flops=3.0, attention_flops=1.0)
+    monkeypatch.setattr(jacobi, "profile_step", lambda step: {"matmul": 1.0, "attention": 2.0, "other": 1.0})
+    row = jacobi.where_the_time_goes(lambda: None, ledger)
+    assert row["time_shares"] == {"matmul": 0.25, "attention": 0.5, "other": 0.25}
+    assert (row["matmul_flops_per_s"], row["attention_flops_per_s"]) == (9.0, 1.5)
+    assert row["attention_efficiency"] == pytest.approx(1 / 6)
+    # matmuls at the peak, attention at 1/6 of it: 0.75 + 0.25 x 6 = 2.25 peak-seconds per FLOP-second
+    assert row["utilization_ceiling"] == pytest.approx(1 / 2.25)
+
+
 def test_compiled_twins_are_timed_beside_the_eager_steps(small_data, monkeypatch):
     # The machinery, without paying for inductor (tests/test_fast_paths.py tests the compiled blocks):
     # a twin whose compile_training_blocks says yes but stays eager must count the eager FLOPs.

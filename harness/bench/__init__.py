@@ -36,9 +36,10 @@ missed, with the number):
    step per J is recorded beside the analytic one. Target: time ratio within 1.15x of the FLOPs ratio.
    Where the time goes (``time_shares``): three steps per model under torch.profiler, their operators' time
    split into matmuls, attention kernels and the rest, the FLOP/s the matmuls and the attention reached
-   (ledger FLOPs over their time), and ``utilization_ceiling``, the fraction of the peak the step would
-   reach if everything but matmuls and attention took no time: when the ceiling is under a target, no
-   amount of overhead removal meets it; only a faster attention (or matmul) kernel can.
+   (ledger FLOPs over their time), ``attention_efficiency`` (attention FLOP/s over matmul FLOP/s in the
+   same steps), and ``utilization_ceiling``, the fraction of the peak the step would reach with its
+   matmuls at the peak, its attention at that efficiency and everything else free: when the ceiling is
+   under a target, no amount of overhead removal meets it; only a faster attention kernel can.
    With ``jacobi_compiled`` (the full profile, where torch.compile can build code) every model is also
    timed at its largest J with ``Decoder.compile_training_blocks`` on (``train --compile``), in the same
    rounds: ``compiled_speedup`` (eager over compiled, round by round) and ``compiled_fraction_of_peak``;
@@ -62,7 +63,12 @@ each one's median, its range over the rounds (``_low``, ``_high``, ``_rounds``) 
 project runs on, the speed of one and the same step drifts by 20-60% within minutes (the matmul
 peak read 77 GFLOP/s in one session and 125 in the next; vanilla pico's step 0.106 s in one section
 of a run and 0.182 s in another). A peak measured once at the start, or medians compared across
-sections, carried that drift into the verdicts. Load averages before and after are recorded.
+sections, carried that drift into the verdicts. The per-round peak removes drift that hits the peak
+and the steps alike, not all of it: a 2048-square matmul streams 48 MB through the shared caches while
+the CPU-sized steps stay in their own, and in one run the peak read 74 GFLOP/s in section 1's rounds and
+130 in section 4's while vanilla pico's step ran at 30 and 33 GFLOP/s. Utilisations are therefore given
+with their range, and the ceiling of section 4b does not use the peak. Load averages before and after
+are recorded.
 
 Threads: one by default. The CPU-sized models are dispatch-bound (many small kernels), where one
 thread is as fast as two, and on a machine shared with other work a second OpenMP thread that gets

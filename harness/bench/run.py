@@ -213,13 +213,15 @@ def format_report(report: dict[str, Any]) -> str:
                    ("flops_ratio", "FLOPs x"), ("overhead", "time/FLOPs"), ("overhead_low", "min"),
                    ("overhead_high", "max"), ("met", "target"), ("decided", "every round"),
                    ("compiled_speedup", "compiled x"), ("compiled_fraction_of_peak", "compiled of peak")])
-    out += _table("4b. where the Jacobi section's step time goes (profiled steps at the largest J; ceiling: "
-                  "the fraction of the peak with everything but matmuls and attention free)",
+    out += _table("4b. where the Jacobi section's step time goes (profiled steps at the largest J; attention "
+                  "efficiency: its FLOP/s over the matmuls'; ceiling: the fraction of the peak with matmuls at "
+                  "the peak, attention at that efficiency, the rest free)",
                   [{**r, **{f"share_{k}": v for k, v in r["time_shares"].items()}}
                    for r in report.get("jacobi_training", []) if "time_shares" in r],
                   [("variant", "method"), ("share_matmul", "matmul"), ("share_attention", "attention"),
                    ("share_other", "other"), ("matmul_flops_per_s", "matmul FLOP/s"),
-                   ("attention_flops_per_s", "attention FLOP/s"), ("utilization_ceiling", "ceiling")])
+                   ("attention_flops_per_s", "attention FLOP/s"), ("attention_efficiency", "attention eff."),
+                   ("utilization_ceiling", "ceiling")])
     out += _table("5. achieved training FLOP/s as a fraction of the matmul peak timed in the same rounds "
                   "(target at the study's rungs)", _with_agreement(report.get("utilization", [])),
                   [("what", "what"), ("size", "size"), ("flops_per_s", "FLOP/s"), ("peak_flops_per_s", "peak"),
