@@ -690,11 +690,7 @@ class Decoder(nn.Module):
         """
         indices = range(len(self.layers)) if layers is None else layers
         step = self._training_step(plan) if self._compile_training_blocks else None
-        if step is None:
-            for i in indices:
-                x = self.layers[i](x, plan, cache_layer_offset + i)
-            return x
-        with _eager_backward_compilation():
+        with _eager_backward_compilation() if step is not None else contextlib.nullcontext():
             for i in indices:
                 if step is not None:
                     try:

@@ -41,7 +41,7 @@ missed, with the number):
    matmuls at the peak, its attention at that efficiency and everything else free: when the ceiling is
    under a target, no amount of overhead removal meets it; only a faster attention kernel can.
    With ``jacobi_compiled`` (the full profile, where torch.compile can build code) every model is also
-   timed at its largest J with ``Decoder.compile_training_blocks`` on (``train --compile``), in the same
+   timed at its last J with ``Decoder.compile_training_blocks`` on (``train --compile``), in the same
    rounds: ``compiled_speedup`` (eager over compiled, round by round) and ``compiled_fraction_of_peak``;
    informational (the studies train eagerly), and its FLOPs must equal the eager step's.
 5. ``utilization`` -- achieved training FLOP/s (analytic training FLOPs per token x tokens/s) of every

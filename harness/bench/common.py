@@ -65,7 +65,7 @@ class BenchConfig:
     jacobi_batch: int = 16
     jacobi_latent_steps: tuple[int, ...] = (1, 3)
     jacobi_repeats: int = 5  # rounds: each gives a ratio and a utilisation of its own (PerRound)
-    jacobi_compiled: bool = True  # also time each model's step (largest J) with its blocks compiled
+    jacobi_compiled: bool = True  # also time each model's step (last J of its config) with its blocks compiled
     # 5. the matmul peak: n x n float32 matmuls
     peak_matmul_n: int = 2048
     # 6. threads per job: (concurrent jobs, threads per job) configurations of one training job each

@@ -78,9 +78,9 @@ def bench_jacobi_training(cfg: BenchConfig, corpus: TokenizedCorpus, tick) -> li
                 contenders[contender]()
             ledgers[contender] = ledger.totals
     compiled = compiled_twins(models) if cfg.jacobi_compiled else {}
-    for key, model in compiled.items():  # timed at the largest J; its first call (the ledger's) compiles
-        last = [k for k in contenders if k == key or k.startswith(key + "/J=")][-1]
-        passes = {} if models[key][0] == REFERENCE else {"jacobi_passes": max(model.config.jacobi_passes)}
+    for key, model in compiled.items():  # timed at the last J; its first call (the ledger's) compiles
+        last = eager_contenders(contenders, key)[-1]
+        passes = {} if models[key][0] == REFERENCE else {"jacobi_passes": model.config.jacobi_passes[-1]}
         contenders[f"{key}/compiled"] = train_step(lambda m=model, kw=passes: m(inputs, targets, **kw).loss, model)
         with compute.measure() as ledger:
             contenders[f"{key}/compiled"]()
@@ -95,7 +95,7 @@ def bench_jacobi_training(cfg: BenchConfig, corpus: TokenizedCorpus, tick) -> li
     reference_flops = models[REFERENCE][1].train_flops_per_token(cfg.seq_len)
     rows = []
     for key, (name, model) in models.items():
-        keys = [k for k in contenders if k == key or k.startswith(key + "/J=")]
+        keys = eager_contenders(contenders, key)
         # a round's step time under the uniform draw of J: the mean over the J values of that round
         steps = [statistics.fmean(timings[k].samples[r] for k in keys) for r in range(len(reference_steps))]
         measured = statistics.fmean(ledgers[k].train_flops / tokens for k in keys)
@@ -115,7 +115,7 @@ def bench_jacobi_training(cfg: BenchConfig, corpus: TokenizedCorpus, tick) -> li
             "spread": max(timings[k].spread for k in keys),
             **where_the_time_goes(contenders[keys[-1]], ledgers[keys[-1]]),
         }
-        if key in compiled:  # the same step (largest J) through Decoder.compile_training_blocks
+        if key in compiled:  # the same step (last J) through Decoder.compile_training_blocks
             eager, fast = timings[keys[-1]].samples, timings[f"{key}/compiled"].samples
             row.update(**per_round(eager, fast).as_dict("compiled_speedup"),
                        **per_round([ledgers[keys[-1]].train_flops / t for t in fast], peaks).as_dict(
@@ -125,6 +125,11 @@ def bench_jacobi_training(cfg: BenchConfig, corpus: TokenizedCorpus, tick) -> li
                        decided=overhead.decided(TARGET_JACOBI_OVERHEAD, at_most=True))
         rows.append(row)
     return rows
+
+
+def eager_contenders(contenders: dict[str, Callable[[], None]], key: str) -> list[str]:
+    """The eager contenders of model ``key`` (one per J, in the config's order), not its compiled twin."""
+    return [k for k in contenders if k == key or k.startswith(key + "/J=")]
 
 
 def compiled_twins(models: dict[str, tuple[str, torch.nn.Module]]) -> dict[str, torch.nn.Module]:
@@ -140,7 +145,7 @@ def compiled_twins(models: dict[str, tuple[str, torch.nn.Module]]) -> dict[str, 
 
 
 def where_the_time_goes(step: Callable[[], None], ledger: compute.LedgerTotals) -> dict[str, Any]:
-    """Profiled steps (at the largest J; per kind the median of three): the shares of the step's time in
+    """Profiled steps (at the last J; per kind the median of three): the shares of the step's time in
     matmuls, attention kernels and the rest, the FLOP/s each kind reached, ``attention_efficiency`` (the
     attention's FLOP/s over the matmuls', in the same steps) and ``utilization_ceiling``: the fraction of
     the peak the step would reach with its matmuls *at* the peak, its attention at its measured efficiency
@@ -172,5 +177,5 @@ def planned_runs(cfg: BenchConfig) -> int:
     return cfg.jacobi_repeats * (2 + passes + compiled)  # + vanilla + the matmul peak + compiled twins
 
 
-__all__ = ["REFERENCE", "bench_jacobi_training", "jacobi_methods", "jacobi_variants", "planned_runs",
-           "where_the_time_goes"]
+__all__ = ["REFERENCE", "bench_jacobi_training", "compiled_twins", "eager_contenders", "jacobi_methods",
+           "jacobi_variants", "planned_runs", "where_the_time_goes"]

@@ -213,7 +213,7 @@ def format_report(report: dict[str, Any]) -> str:
                    ("flops_ratio", "FLOPs x"), ("overhead", "time/FLOPs"), ("overhead_low", "min"),
                    ("overhead_high", "max"), ("met", "target"), ("decided", "every round"),
                    ("compiled_speedup", "compiled x"), ("compiled_fraction_of_peak", "compiled of peak")])
-    out += _table("4b. where the Jacobi section's step time goes (profiled steps at the largest J; attention "
+    out += _table("4b. where the Jacobi section's step time goes (profiled steps at the last J; attention "
                   "efficiency: its FLOP/s over the matmuls'; ceiling: the fraction of the peak with matmuls at "
                   "the peak, attention at that efficiency, the rest free)",
                   [{**r, **{f"share_{k}": v for k, v in r["time_shares"].items()}}
