@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Loss parity with the official PonderLM-2 code: identical weights and inputs, |delta loss| per method.
+"""Loss parity with the official reference code (PonderLM-2; Mixture-of-Recursions): identical weights and
+inputs, |delta loss| per method.
 
 What it does
     Builds each method here at its defaults (``registry.get(method).make_config``, overridden only by a
@@ -43,6 +44,30 @@ Reference environment (any machine; CPU is enough)
     ``--set METHOD:FIELD=VALUE`` changes a config field here, to see what a non-default option departs
     by (e.g. ``--set pondering:ponder_reference=original``, ``--set pause:pause_token=per_slot``).
 
+Mixture-of-Recursions (a second reference: raymin0223/mixture_of_recursions, model/ and util/ at its merge
+commit 884fa5a; transformers 4.53.x, which its ``model/kv_caches/cache_utils.py`` needs, and omegaconf)
+    case       released config (conf/pretrain/250720_pretrain_smollm-360m_*.yaml)    here
+    mor        rec3_middle_cycle_..._mor_expert_linear_alpha_0.1_sigmoid_aux_loss_0.001   defaults (L = 8)
+    mor-token  rec3_middle_cycle_..._mor_token_softmax_bal_loss_coeff_0.1_linear_zloss_1e-5  routing=token
+    mor-kv     kv-share_rec3_middle_cycle_..._mor_expert_..._aux_loss_0.001             kv_sharing=true
+    mor-cycle  the expert config with recursive.sharing = cycle (L = 6)   unshared_first = unshared_last = 0
+
+    The reference model is built as its ``pretrain.py`` does: ``MoRLlamaForCausalLM``, then
+    ``sharing_strategy`` (ties the recursion copies), ``set_kv_sharing_config`` (mor-kv), then
+    ``transform_layer_to_mor_expert``/``_token`` (expert-choice: a fresh attention per recursion). Every one
+    of its parameters then receives the weights here (walked by structure; a parameter left unassigned
+    stops the script, except mor-kv's key/value projections of recursions >= 2, which the reference holds
+    but never uses). It runs in training mode (its auxiliary losses exist only there) with
+    ``num_items_in_batch`` = B T (its trainer's count for one micro-batch, so their factor is 1); the
+    compared loss is the mean LM loss (from its logits) + the released coeff x its auxiliary loss (+ z_coeff
+    x its z-loss where z_loss is on), as ``util/trainer_pt.py`` forms it. Unique parameter counts are
+    compared too (``model.parameters()`` counts a tied tensor once).
+
+    python3 -m venv MORENV; MORENV/bin/pip install torch "transformers==4.53.*" omegaconf safetensors
+    git clone https://github.com/raymin0223/mixture_of_recursions MOR
+    python scripts/reference_parity.py --mor-reference MOR --mor-reference-python MORENV/bin/python \
+        --methods mor mor-token mor-kv mor-cycle
+
 Tolerance
     1e-5 on the mean cross-entropy (about 5.5 nats at vocab 256). Both sides compute in float32; the
     same function evaluated with a different order of operations (fused vs. separate matmuls, SDPA vs.
@@ -61,6 +86,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +96,31 @@ SHAPE = {"vocab_size": 256, "d_model": 64, "n_layers": 3, "n_heads": 4, "d_ff": 
 BATCH, SEQ, SEED = 2, 32, 1234
 MAX_POSITIONS = 2048  # the reference loader's max_position_embeddings
 MODELING_DIR = ("src", "llamafactory", "model", "modeling")
+MOR_CONF = "conf/pretrain/250720_pretrain_smollm-360m_{}.yaml"
+MOR_EXPERT = "rec3_middle_cycle_random_lr3e-3_mor_expert_linear_alpha_0.1_sigmoid_aux_loss_0.001"
+
+
+@dataclass(frozen=True)
+class MoRCase:
+    """One Mixture-of-Recursions comparison: the project's config and the reference's released config."""
+
+    overrides: dict[str, Any]  # the project's config, beyond SHAPE
+    conf: str  # the released config's name, between MOR_CONF's prefix and ".yaml"
+    sharing: str = "middle_cycle"  # the reference's recursive.sharing
+    # Rows of the inputs used. The reference's token-choice under eager attention gathers its 4-D mask for
+    # one row only (token_choice_router.py, select_tokens_and_batch_with_padding: B > 1 fails; its sdpa
+    # path would drop causality); the authors trained with FlashAttention-2, which takes no such mask.
+    batch: int = BATCH
+
+
+MOR_CASES: dict[str, MoRCase] = {
+    "mor": MoRCase({"n_layers": 8}, MOR_EXPERT),
+    "mor-token": MoRCase({"n_layers": 8, "routing": "token"},
+                         "rec3_middle_cycle_random_lr3e-3_mor_token_softmax_bal_loss_coeff_0.1_linear_zloss_1e-5",
+                         batch=1),
+    "mor-kv": MoRCase({"n_layers": 8, "kv_sharing": True}, "kv-share_" + MOR_EXPERT),
+    "mor-cycle": MoRCase({"n_layers": 6, "unshared_first": 0, "unshared_last": 0}, MOR_EXPERT, "cycle"),
+}
 
 
 @dataclass(frozen=True)
@@ -169,6 +220,45 @@ def _notes(spec: Spec, cfg, default) -> list[str]:
     return notes
 
 
+def _mor_our_side(workdir: pathlib.Path, case_name: str, ids, targets, sets: dict[str, str]) -> None:
+    """The project's MoR on the inputs: its losses, its weights under its own names (the reference side maps
+    them by structure) and the layout the reference needs."""
+    import torch
+    from safetensors.torch import save_file
+
+    from harness.core import registry
+    from harness.hf import SHAPE_FIELDS
+
+    case = MOR_CASES[case_name]
+    plugin = registry.get("mor")
+    torch.manual_seed(SEED)
+    cfg = plugin.make_config(None, {**SHAPE, **case.overrides, **sets})
+    model = plugin.build(cfg).float().eval()
+    _perturb_norms(model)
+    with torch.no_grad():
+        out = model(ids[:case.batch], targets[:case.batch])
+    weights = {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()}
+    if cfg.ponder_init and cfg.embed_scale != 1.0:  # the reference embeds without a scale: fold it in
+        weights["decoder.embed_tokens.weight"] = (weights["decoder.embed_tokens.weight"].double()
+                                                  * cfg.embed_scale).float()
+    out_dir = workdir / case_name
+    out_dir.mkdir()
+    save_file(weights, str(out_dir / "weights.safetensors"))
+    layout = {"unshared_first": cfg.unshared_first, "unshared_last": cfg.unshared_last, "n_shared": cfg.n_shared,
+              "recursions": cfg.recursions, "routing": cfg.routing, "per_recursion": len(model.attentions) > 0,
+              "kv_sharing": cfg.kv_sharing, "last": len(model.decoder.layers) - 1}
+    linked = {"recursions": cfg.recursions, "expert_alpha": cfg.expert_alpha, "z_weight": cfg.z_weight,
+              "router_aux_weight": cfg.router_aux_weight, "balance_weight": cfg.balance_weight,
+              "capacity": list(cfg.capacity_schedule)}
+    config = {key: getattr(cfg, name) for name, key in SHAPE_FIELDS.items()}
+    (out_dir / "ours.json").write_text(json.dumps({
+        "config": config, "layout": layout, "linked": linked, "conf": case.conf, "sharing": case.sharing,
+        "batch": case.batch,
+        "loss": float(out.loss), "lm_loss": float(out.lm_loss), "params": model.num_params(), "decode_loss": None,
+        "notes": [f"{k}={v}" for k, v in sorted({**case.overrides, **sets}.items())]
+        + ([f"batch {case.batch}"] if case.batch != BATCH else [])}, indent=1))
+
+
 def _our_side(workdir: pathlib.Path, methods: list[str], sets: dict[str, dict[str, str]]) -> None:
     import torch
     from safetensors.torch import save_file
@@ -183,6 +273,9 @@ def _our_side(workdir: pathlib.Path, methods: list[str], sets: dict[str, dict[st
     targets = torch.cat([ids[:, 1:], torch.full((BATCH, 1), IGNORE_INDEX)], dim=1)  # = HF's shifted labels
     save_file({"input_ids": ids.contiguous()}, str(workdir / "inputs.safetensors"))
     for method in methods:
+        if method in MOR_CASES:
+            _mor_our_side(workdir, method, ids, targets, sets.get(method, {}))
+            continue
         spec = SPECS[method]
         plugin = registry.get(method)
         torch.manual_seed(SEED)
@@ -262,6 +355,164 @@ def reference_model(reference: pathlib.Path, spec: Spec, setup: dict[str, Any], 
     return model
 
 
+def _mor_cfg(reference: pathlib.Path, ours: dict[str, Any]):
+    """The released config ``ours["conf"]`` as the reference's ``util/config.py`` completes it, in float32."""
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = OmegaConf.load(reference / MOR_CONF.format(ours["conf"]))
+    with open_dict(cfg):
+        cfg.precision = "fp32"
+        cfg.gradient_accumulation_steps = 1
+        cfg.recursive.sharing = ours["sharing"]
+        r = cfg.recursive.num_recursion
+        if cfg.mor.capacity is None:  # util/config.py: (R - i) / R
+            cfg.mor.capacity = ",".join(str((r - i) / r) for i in range(r))
+        if cfg.kv_sharing.enable:
+            cfg.kv_sharing.num_recursion, cfg.kv_sharing.sharing = r, cfg.recursive.sharing
+    return cfg
+
+
+def _mor_notes(cfg, ours: dict[str, Any]) -> list[str]:
+    """Where the project's config differs from the released one it is compared with."""
+    linked, mor = ours["linked"], cfg.mor
+    pairs = [("recursions", cfg.recursive.num_recursion), ("capacity", [float(c) for c in mor.capacity.split(",")])]
+    if mor.type == "expert":
+        pairs += [("expert_alpha", mor.expert.alpha), ("router_aux_weight", mor.expert.coeff)]
+    else:
+        pairs += [("balance_weight", mor.token.coeff)]
+    pairs += [("z_weight", mor.z_coeff if mor.z_loss else 0.0)]
+    return [f"{name}={linked[name]} here, released {value}" for name, value in pairs
+            if not (linked[name] == value or (isinstance(value, float) and math.isclose(linked[name], value)))]
+
+
+def _mor_reference_model(reference: pathlib.Path, ours: dict[str, Any], weights: pathlib.Path, notes: list[str]):
+    """The authors' MoR built as their pretrain.py does, with every parameter set from the project's weights."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig
+
+    if str(reference) not in sys.path:
+        sys.path.insert(0, str(reference))
+    from model.mor_model.modeling_llama import MoRLlamaForCausalLM
+    from model.sharing_strategy.llama import sharing_strategy
+
+    cfg = _mor_cfg(reference, ours)
+    notes += _mor_notes(cfg, ours)
+    config = LlamaConfig(**ours["config"], max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False,
+                         attention_bias=False, mlp_bias=False, attn_implementation="eager", torch_dtype="float32")
+    torch.manual_seed(SEED)
+    np.random.seed(SEED)  # sharing_strategy's "random" initialisation picks layers with numpy
+    model = MoRLlamaForCausalLM(config).float()
+    model, _ = sharing_strategy(cfg, model)
+    if cfg.kv_sharing.enable:
+        model.set_kv_sharing_config(cfg)
+    getattr(model, f"transform_layer_to_mor_{cfg.mor.type}")(cfg)
+    model = model.float()
+    unused = _mor_load(model, load_file(str(weights)), ours["layout"], notes)
+    if unused:
+        notes.append(f"reference parameters {sum(p.numel() for p in model.parameters()):,}, {unused:,} of them unused")
+    return model, cfg, unused
+
+
+def _mor_block_pairs(ref, ours_layer: int, attention: str) -> Iterator[tuple[Any, str]]:
+    """(reference parameter, project weight name) of one reference decoder layer."""
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        yield getattr(ref.self_attn, name).weight, f"{attention}.{name}.weight"
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        yield getattr(ref.mlp, name).weight, f"decoder.layers.{ours_layer}.mlp.{name}.weight"
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        yield getattr(ref, name).weight, f"decoder.layers.{ours_layer}.{name}.weight"
+
+
+def _mor_pairs(model, lay: dict[str, Any]) -> Iterator[tuple[Any, str]]:
+    """(reference parameter, project weight name) for the whole reference MoR, walked by its structure:
+    [first layer], R expert-choice MoR layers (``.block[j]``, ``.mor_router``) or one token-choice layer
+    (``.block_list[r][j]``), [last layer]."""
+    def attention(r: int, j: int) -> str:
+        if r == 1 or not lay["per_recursion"]:
+            return f"decoder.layers.{lay['unshared_first'] + j}.self_attn"
+        return f"attentions.{(r - 2) * lay['n_shared'] + j}"
+
+    layers, uf = model.model.layers, lay["unshared_first"]
+    if uf:
+        yield from _mor_block_pairs(layers[0], 0, "decoder.layers.0.self_attn")
+    if lay["unshared_last"]:
+        yield from _mor_block_pairs(layers[-1], lay["last"], f"decoder.layers.{lay['last']}.self_attn")
+    if lay["routing"] == "expert":
+        for r in range(1, lay["recursions"] + 1):
+            yield layers[uf + r - 1].mor_router.router.weight, f"routers.{r - 1}.weight"
+            for j, ref in enumerate(layers[uf + r - 1].block):
+                yield from _mor_block_pairs(ref, uf + j, attention(r, j))
+    else:
+        yield layers[uf].mor_router.router.weight, "routers.0.weight"
+        for r, blocks in enumerate(layers[uf].block_list, start=1):
+            for j, ref in enumerate(blocks):
+                yield from _mor_block_pairs(ref, uf + j, attention(r, j))
+    yield model.model.embed_tokens.weight, "decoder.embed_tokens.weight"
+    yield model.model.norm.weight, "decoder.norm.weight"
+    yield model.lm_head.weight, "decoder.lm_head.weight"
+
+
+def _mor_load(model, ours_w: dict[str, Any], lay: dict[str, Any], notes: list[str]) -> int:
+    """Every parameter of the reference MoR ``model`` from the project's weights ``ours_w``. A weight that
+    does not exist here is only allowed for KV sharing's never-used k/v projections of recursions >= 2;
+    returns how many parameters those hold."""
+    import torch
+
+    done: set[int] = set()
+    with torch.no_grad():
+        for param, key in _mor_pairs(model, lay):
+            if key in ours_w:
+                param.copy_(ours_w[key])
+                done.add(id(param))
+    left = [name for name, p in model.named_parameters() if id(p) not in done]
+    unused = [name for name in left if lay["kv_sharing"] and name.endswith(("k_proj.weight", "v_proj.weight"))]
+    if set(left) - set(unused):
+        raise SystemExit(f"reference parameters without a weight from here: {sorted(set(left) - set(unused))}")
+    if unused:
+        notes.append(f"{len(unused)} reference k/v projections of recursions >= 2 never used (KV sharing): not set")
+    return sum(p.numel() for name, p in model.named_parameters() if name in unused)
+
+
+def _mor_reference_losses(model, cfg, ids) -> tuple[float, float]:
+    """(mean LM loss, training loss) as util/trainer_pt.py forms it, on one micro-batch."""
+    import torch
+
+    b, t = ids.shape
+    model.train()  # the auxiliary losses exist only in training mode (no dropout: attention_dropout 0)
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(b * t),
+                    use_cache=bool(cfg.kv_sharing.enable))
+    lm = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    if cfg.mor.type == "expert":
+        total = lm + cfg.mor.expert.coeff * out.sampling_loss
+    else:
+        total = lm + cfg.mor.token.coeff * out.balancing_loss
+    if cfg.mor.z_loss:
+        total = total + cfg.mor.z_coeff * out.router_z_loss
+    return float(lm), float(total)
+
+
+def _mor_reference_side(workdir: pathlib.Path, reference: pathlib.Path, cases: list[str]) -> None:
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    torch.use_deterministic_algorithms(True)
+    ids = load_file(str(workdir / "inputs.safetensors"))["input_ids"]
+    for case in cases:
+        folder = workdir / case
+        ours = json.loads((folder / "ours.json").read_text())
+        notes: list[str] = []
+        model, cfg, unused = _mor_reference_model(reference, ours, folder / "weights.safetensors", notes)
+        lm, total = _mor_reference_losses(model, cfg, ids[:ours["batch"]])
+        (folder / "reference.json").write_text(json.dumps(
+            {"loss": total, "lm_loss": lm, "params": sum(p.numel() for p in model.parameters()) - unused,
+             "decode_loss": None,
+             "notes": notes, "transformers": transformers.__version__}, indent=1))
+
+
 def _reference_side(workdir: pathlib.Path, reference: pathlib.Path, methods: list[str]) -> None:
     import torch
     import transformers
@@ -296,7 +547,15 @@ def _rows(workdir: pathlib.Path, methods: list[str]) -> list[tuple[str, float, f
     for method in methods:
         ours = json.loads((workdir / method / "ours.json").read_text())
         ref = json.loads((workdir / method / "reference.json").read_text())
-        note = "; ".join(ours["notes"])
+        note = "; ".join(ours["notes"] + ref.get("notes", []))
+        if method in MOR_CASES:
+            counts = f"parameters {ours['params']:,} here, {ref['params']:,} used by the reference"
+            note = counts + (f"; {note}" if note else "")
+            rows.append((f"{method} (LM loss)", ours["lm_loss"], ref["lm_loss"], note))
+            rows.append((f"{method} (training loss)", ours["loss"], ref["loss"], ""))
+            if ours["params"] != ref["params"]:
+                rows.append((f"{method} (parameter count)", float(ours["params"]), float(ref["params"]), note))
+            continue
         rows.append((method, ours["loss"], ref["loss"], note))
         if ours["decode_loss"] is not None:
             rows.append((f"{method} (exact decoding)", ours["decode_loss"], ref["decode_loss"], note))
@@ -321,7 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", type=pathlib.Path, help="a checkout of LUMIA-Group/PonderLM-2")
     parser.add_argument("--reference-python", help="a Python with torch and transformers==4.46.1")
-    parser.add_argument("--methods", nargs="+", choices=list(SPECS), default=list(SPECS))
+    parser.add_argument("--mor-reference", type=pathlib.Path,
+                        help="a checkout of raymin0223/mixture_of_recursions (for the mor cases)")
+    parser.add_argument("--mor-reference-python", help="a Python with torch, transformers 4.53.x and omegaconf")
+    parser.add_argument("--methods", nargs="+", choices=[*SPECS, *MOR_CASES],
+                        help="default: every method whose reference is given")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD:FIELD=VALUE",
                         help="change a config field here (diagnosis: e.g. pondering:ponder_reference=original)")
     parser.add_argument("--side", choices=("ours", "reference"), help=argparse.SUPPRESS)
@@ -331,26 +594,46 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         method, _, assignment = item.partition(":")
         name, eq, value = assignment.partition("=")
-        if method not in SPECS or not name or not eq:
-            parser.error(f"--set {item}: expected METHOD:FIELD=VALUE with METHOD one of {', '.join(SPECS)}")
+        if method not in {**SPECS, **MOR_CASES} or not name or not eq:
+            parser.error(f"--set {item}: expected METHOD:FIELD=VALUE with METHOD one of "
+                         f"{', '.join([*SPECS, *MOR_CASES])}")
         sets.setdefault(method, {})[name] = value
     if args.side == "ours":
         _our_side(args.workdir, args.methods, sets)
         return 0
     if args.side == "reference":
-        _reference_side(args.workdir, args.reference, args.methods)
+        plain = [m for m in args.methods if m in SPECS]
+        if plain:
+            _reference_side(args.workdir, args.reference, plain)
+        if len(plain) < len(args.methods):
+            _mor_reference_side(args.workdir, args.mor_reference, [m for m in args.methods if m in MOR_CASES])
         return 0
-    if args.reference is None or args.reference_python is None:
-        parser.error("--reference and --reference-python are required")
-    if not args.reference.joinpath(*MODELING_DIR).is_dir():
+    if args.methods is None:
+        args.methods = [*(SPECS if args.reference else []), *(MOR_CASES if args.mor_reference else [])]
+        if not args.methods:
+            parser.error("give --reference (PonderLM-2 methods) and/or --mor-reference (Mixture-of-Recursions)")
+    plain = [m for m in args.methods if m in SPECS]
+    mor = [m for m in args.methods if m in MOR_CASES]
+    if plain and (args.reference is None or args.reference_python is None):
+        parser.error(f"{', '.join(plain)}: --reference and --reference-python are required")
+    if plain and not args.reference.joinpath(*MODELING_DIR).is_dir():
         parser.error(f"--reference {args.reference}: no {'/'.join(MODELING_DIR)}; give a checkout of "
                      "LUMIA-Group/PonderLM-2")
+    if mor and (args.mor_reference is None or args.mor_reference_python is None):
+        parser.error(f"{', '.join(mor)}: --mor-reference and --mor-reference-python are required")
+    if mor and not args.mor_reference.joinpath("model", "mor_model").is_dir():
+        parser.error(f"--mor-reference {args.mor_reference}: no model/mor_model; give a checkout of "
+                     "raymin0223/mixture_of_recursions")
     with tempfile.TemporaryDirectory(prefix="reference_parity_") as tmp:
         workdir = pathlib.Path(tmp)
         _run(sys.executable, ["--side", "ours", "--workdir", str(workdir), "--methods", *args.methods,
                               *(f"--set={item}" for item in args.set)])
-        _run(args.reference_python, ["--side", "reference", "--workdir", str(workdir),
-                                     "--reference", str(args.reference.resolve()), "--methods", *args.methods])
+        if plain:
+            _run(args.reference_python, ["--side", "reference", "--workdir", str(workdir),
+                                         "--reference", str(args.reference.resolve()), "--methods", *plain])
+        if mor:
+            _run(args.mor_reference_python, ["--side", "reference", "--workdir", str(workdir), "--mor-reference",
+                                             str(args.mor_reference.resolve()), "--methods", *mor])
         ok = _table(_rows(workdir, args.methods))
     return 0 if ok else 1
 
