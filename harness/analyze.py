@@ -376,11 +376,16 @@ def analyze(folder: str | pathlib.Path, top: int = 20, bins: int = 10, groups: i
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise AnalysisError(f"job folder not found: {folder}")
+    records = load_records(folder)
+    context = _job_context(folder)
+    if not records.steps.any():  # no step to set against NLL or frequency: a plot and table would be empty talk
+        method = f"{context['method']} job" if context["method"] else "job"
+        raise AnalysisError(f"nothing to analyse in {folder}: every one of its {len(records):,} tokens took 0 extra "
+                            f"steps (a {method} without extra steps, or one that pruned them all); analyze an "
+                            "adaptive job such as ponderlm3 or mor; nothing was written")
     out = pathlib.Path(out) if out is not None else folder
     out.mkdir(parents=True, exist_ok=True)
-    records = load_records(folder)
     decode, decoded = _token_decoder(folder)
-    context = _job_context(folder)
     counts_per_record = np.unique(records.token, return_inverse=True, return_counts=True)
     frequency = counts_per_record[2][counts_per_record[1]]
     group, group_rows = frequency_groups(records, groups)

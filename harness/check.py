@@ -15,12 +15,18 @@ depends on the future, padding changes nothing and costs nothing, the ledger's F
 method's analytic counts (inference: exactly for the steps taken, at most the maximum and equal to it
 when forced there; training: exactly, where the method says its count is exact), every parameter gets
 a gradient, and the declarations are consistent. A failed check raises :class:`ContractViolation`
-(an ``AssertionError``) whose message says what broke and how to fix it.
+(an ``AssertionError``) whose message says what broke and how to fix it. A check that crashes instead is
+reported with its exception and the innermost frame of the traceback in the plugin's own code
+(:func:`crash_site`); ``HARNESS_DEBUG=1`` also prints the full traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import os
+import sys
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +34,8 @@ from typing import Any
 import torch
 
 from harness.core import compute, registry
-from models.base import BENCH_ROLES, IGNORE_INDEX, JACOBI_TRAINING, PRUNED_DECODING, EvalSpec
+from models import backbone
+from models.base import BENCH_ROLES, IGNORE_INDEX, JACOBI_TRAINING, PRUNED_DECODING, EvalSpec, LanguageModel
 
 TINY: dict[str, Any] = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=2, d_ff=64)
 VOCAB = TINY["vocab_size"]
@@ -359,13 +366,42 @@ def run_checks(method: str) -> list[str]:
     return failures
 
 
+def plugin_files(method: str) -> set[str]:
+    """The source files of ``method``'s own code: the modules of its class and config and of the classes they
+    derive from, less the harness's (models/base.py, the backbone) and torch's."""
+    plugin = registry.get(method)
+    classes = [*plugin.cls.__mro__, *plugin.config_class.__mro__]
+    shared = {inspect.getsourcefile(LanguageModel), inspect.getsourcefile(backbone)}
+    files = set()
+    for cls in classes:
+        module = sys.modules.get(cls.__module__)
+        path = getattr(module, "__file__", None)  # builtins (object) have no file
+        if path and not cls.__module__.startswith(("torch", "harness.")):
+            files.add(os.path.realpath(path))
+    return files - {os.path.realpath(f) for f in shared if f}
+
+
+def crash_site(exc: BaseException, method: str) -> str:
+    """``file:line in function: source`` of the innermost frame of ``exc``'s traceback in the plugin's own code
+    (:func:`plugin_files`), else of the innermost frame of all: where an author looks first."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = plugin_files(method)
+    frame = next((f for f in reversed(frames) if os.path.realpath(f.filename) in own), frames[-1] if frames else None)
+    if frame is None:
+        return "no traceback"
+    return f"{frame.filename}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+
+
 def _attempt(label: str, fn: Callable[..., None], method: str, overrides: dict[str, Any]) -> list[str]:
     try:
         fn(method, overrides)
     except AssertionError as exc:
         return [f"{label}: " + " ".join(str(exc).split())]
-    except Exception as exc:  # a crash is a failed check too, named with its type
-        return [f"{label}: raised {type(exc).__name__}: " + " ".join(str(exc).split())[:300]]
+    except Exception as exc:  # a crash is a failed check too, named with its type and where it happened
+        if os.environ.get("HARNESS_DEBUG"):  # the whole story, before the one line
+            traceback.print_exception(exc, file=sys.stderr)
+        return [f"{label}: raised {type(exc).__name__}: " + " ".join(str(exc).split())[:300]
+                + f" (at {crash_site(exc, method)}; HARNESS_DEBUG=1 prints the traceback)"]
     return []
 
 

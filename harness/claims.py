@@ -1,56 +1,83 @@
-"""The PonderLM-3 paper's claims C1-C5, tested on a study's runs: ``python -m harness claims DIR``.
+"""The preconditions P1-P3 and the claims C0-C5, tested on a study's runs: ``python -m harness claims DIR``.
 
-Every verdict is computed from ``DIR/runs.jsonl`` (means and spread over seeds), never typed in, and a
-contradicted claim is a result like any other (docs/design.md, "Studies and claims"). Comparisons
-use the validation loss (nats per token) and the *measured* inference FLOPs per token; perplexity
-within 1% is loss within ln(1.01).
+Every verdict is computed from ``DIR/runs.jsonl``, never typed in, and a contradicted claim is a result
+like any other (docs/design.md, "Evidence: statistics and regime"). Comparisons use the validation loss
+(nats per token) and the *measured* inference FLOPs per token; perplexity within 1% is loss within ln(1.01).
+
+Every comparison of two arms is a paired difference over their common seeds (:mod:`harness.stats`): seed
+s gives both the same batches, validation windows and shared initial values. It is reported as its mean,
+95% Student-t interval and n, beside the evaluation's own noise (a paired bootstrap over validation windows).
 
 Verdicts
-    supported      the claim's inequalities hold with room to spare: mean +- one standard deviation
-                   over seeds of each side stays on the claimed side;
-    contradicted   the opposite inequality holds with that same room;
-    inconclusive   the seed spreads overlap, or no arm pair is comparable;
-    not testable   the runs lack an arm the claim needs (the report names it).
-With one seed an arm's spread is 0, so its comparison is decided by the means; the report gives the
-number of seeds beside every figure.
+    supported       the 95% interval of every comparison the claim rests on lies wholly on the claimed side
+                    of its threshold, with at least 3 paired seeds;
+    contradicted    it lies wholly on the other side (one such comparison suffices where the claim needs all);
+    inconclusive    an interval straddles its threshold; the half-width printed beside it is the smallest
+                    difference the study could have detected;
+    indicative (n seeds)  fewer than 3 paired seeds: a direction, never a verdict;
+    not testable    the runs lack an arm the claim needs, or the claim's premise failed in this regime.
 
-Decisions where the paper gives no number (each printed with its claim):
-* C2 compares at equal measured FLOPs by dominance: PonderLM-3 wins against a baseline if one of its
-  arms uses no more inference FLOPs (2% tolerance) and has lower loss; it loses if one of its arms uses
-  at least as many FLOPs and has higher loss. Otherwise the two do not meet at equal FLOPs.
-* C3 pools every PonderLM-3 run whose steps vary: Spearman's rho between a token's extra steps and its
-  NLL, and mean steps of the rarest tenth of token occurrences minus the most frequent tenth
-  (:func:`harness.analyze.frequency_groups`).
-* C4 uses, per method, the arm at the size PonderLM-1 ran at with the most inference FLOPs (the
-  paper's step count when a study also holds a cheaper variant).
-* C5 calls the Jacobi gap small when |gap| <= 1% of the loss in every PonderLM-2/3 run, and large
-  when its mean exceeds 5%.
+Preconditions: the claims rest on conditions of the regime, computed with the same intervals and listed
+first. A claim whose premise is contradicted is "not testable in this regime", with the premise's
+numbers; a claim whose premise is not established (inconclusive or indicative) keeps its comparisons but
+cannot be supported or contradicted (it reads "inconclusive (premise ... not established)").
+
+* P1, the dense frontier: each larger vanilla rung beats the next smaller one at matched tokens (at the
+  same width that is depth paying: pondering adds depth-like compute).
+* P2, pondering pays: PonderLM-2 beats vanilla of the same size at matched tokens (each K).
+* P3, more steps pay: PonderLM-2 with K=3 beats K=1 at the same size.
+
+Claims and the decisions taken where the papers give no number (each printed with its claim):
+* C0 (premise P1), PonderLM-2's headline (its 1.4B beats vanilla 2.8B on the same tokens): PonderLM-2 at
+  rung s beats vanilla at the next rung of the ladder (about twice the non-embedding parameters).
+  Supported if some PonderLM-2 arm is, contradicted if every arm is.
+* C1 (premise P2: it compares two pondering models): PonderLM-3 minus PonderLM-2 K=3 in loss below ln(1.01)
+  and PonderLM-3's FLOPs at most 0.9 of PonderLM-2's (per-seed ratio); supported if some arm meets both.
+* C2 (premise P2): at equal FLOPs (PonderLM-3 within 2% of the baseline's, or below) PonderLM-3's loss is
+  lower than looped's, MoR's and gated adaptive depth's; a baseline is beaten when some such PonderLM-3
+  arm's interval is wholly below it, and wins when an arm with at least its FLOPs is wholly above.
+* C3: Spearman's rho between a token's extra steps and its NLL > 0 over the PonderLM-3 runs whose steps
+  vary, and mean steps of the rarest tenth of token occurrences above the most frequent tenth
+  (:func:`harness.analyze.frequency_groups`); the interval is over runs.
+* C4 (premise P2): PonderLM-1's order pondering < looped < pause < vanilla, each neighbour pair paired;
+  per method, the arm at PonderLM-1's size with the most inference FLOPs.
+* C5: the Jacobi gap |parallel - exact| / loss: small when its interval over PonderLM-2/3 runs lies below
+  1%, large when it lies above 5%.
 """
 
 from __future__ import annotations
 
 import math
 import pathlib
-import statistics
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness import stats
+from harness.core.config import SIZES
 from harness.core.errors import ReportError
 from harness.core.io import write_bytes_atomic
 from harness.results import OK, ResultsStore
+from harness.stats import CONTRADICTED, INCONCLUSIVE, INDICATIVE, SUPPORTED, Interval
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 CLAIMS_FILE = "claims.md"
 PPL_TOLERANCE = math.log(1.01)  # C1: "within 1%" of perplexity, in loss
 C1_FLOPS_RATIO = 0.9
 C2_FLOPS_TOLERANCE = 0.02
 C5_SMALL, C5_LARGE = 0.01, 0.05
-SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_TESTABLE = "supported", "contradicted", "inconclusive", "not testable"
+NOT_TESTABLE = "not testable"
+NOT_IN_REGIME = "not testable in this regime"
 
 
 @dataclass
 class Arm:
-    """The seeds of one (method, variant, size): means and standard deviations of what claims use."""
+    """The seeds of one (method, variant, size)."""
 
     method: str
     variant: str
@@ -65,25 +92,66 @@ class Arm:
     def seeds(self) -> int:
         return len(self.runs)
 
+    def by_seed(self, key: str) -> dict[int, float]:
+        """``{seed: value}`` of a numeric result field."""
+        return {int(r.get("seed", 0)): float(r[key]) for r in self.runs if isinstance(r.get(key), (int, float))}
+
     def values(self, key: str) -> list[float]:
-        return [float(r[key]) for r in self.runs if isinstance(r.get(key), (int, float))]
+        return list(self.by_seed(key).values())
 
     def mean(self, key: str) -> float:
-        values = self.values(key)
-        return statistics.fmean(values) if values else float("nan")
-
-    def std(self, key: str) -> float:
-        values = self.values(key)
-        return statistics.stdev(values) if len(values) > 1 else 0.0
+        return stats.t_interval(self.values(key)).mean
 
     def config(self, key: str) -> Any:
         return (self.runs[0].get("config") or {}).get(key)
 
     def loss(self) -> str:
-        return _pm(self.mean("val_loss"), self.std("val_loss"), 4) + f" (ppl {math.exp(self.mean('val_loss')):.2f})"
+        interval = stats.t_interval(self.values("val_loss"))
+        hw = f" ± {interval.half_width:.4f}" if interval.n >= 2 else ""
+        return f"{interval.mean:.4f}{hw} (n={interval.n}, ppl {math.exp(interval.mean):.2f})"
 
     def flops(self) -> str:
         return _si(self.mean("infer_flops_per_token"))
+
+
+@dataclass
+class Comparison:
+    """Arm ``a`` minus arm ``b`` in ``key``, paired by seed, tested against ``threshold`` on side ``side``."""
+
+    a: Arm
+    b: Arm
+    interval: Interval
+    threshold: float
+    side: str  # "below": the claim is a - b < threshold; "above": a - b > threshold
+    windows: tuple[float, float] | None  # the paired window bootstrap's 95% interval of the mean difference
+
+    @property
+    def verdict(self) -> str:
+        test = stats.verdict_below if self.side == "below" else stats.verdict_above
+        return test(self.interval, self.threshold)
+
+    def row(self) -> str:
+        """A markdown table row: comparison | mean [95% CI], n | windows | detectable | verdict."""
+        bound = "<" if self.side == "below" else ">"
+        windows = f"[{self.windows[0]:+.4f}, {self.windows[1]:+.4f}]" if self.windows else "–"
+        detectable = f"{self.interval.half_width:.4f}" if self.interval.n >= 2 else "–"
+        return (f"| {self.a.name} − {self.b.name} {bound} {self.threshold:+.4f} | {self.interval.text()} | "
+                f"{windows} | {detectable} | {stats.indicative_text(self.verdict, self.interval.n)} |")
+
+
+COMPARISON_HEADER = ["| comparison (loss, nats) | mean [95% t interval], n seeds | window bootstrap 95% | "
+                     "detectable (half-width) | verdict |", "| --- | --- | --- | ---: | --- |"]
+
+
+def compare(a: Arm, b: Arm, threshold: float = 0.0, side: str = "below", key: str = "val_loss") -> Comparison:
+    """The paired comparison of ``a`` with ``b`` (per-seed ``key`` differences, and window bootstrap)."""
+    interval = stats.paired(a.by_seed(key), b.by_seed(key))
+    windows = None
+    if key == "val_loss":
+        wa = {int(r.get("seed", 0)): r["val_window_loss"] for r in a.runs if r.get("val_window_loss")}
+        wb = {int(r.get("seed", 0)): r["val_window_loss"] for r in b.runs if r.get("val_window_loss")}
+        windows = stats.window_bootstrap(wa, wb)
+    return Comparison(a, b, interval, threshold, side, windows)
 
 
 @dataclass
@@ -93,6 +161,10 @@ class Verdict:
     verdict: str
     evidence: list[str] = field(default_factory=list)  # markdown lines: the numbers behind the verdict
     decision: str = ""  # how the claim was operationalised, where the paper gives no number
+    n: int = 0  # the fewest paired seeds among the comparisons the verdict rests on
+
+    def display(self) -> str:
+        return stats.indicative_text(self.verdict, self.n)
 
 
 def arms_of(records: Iterable[dict[str, Any]]) -> list[Arm]:
@@ -101,7 +173,7 @@ def arms_of(records: Iterable[dict[str, Any]]) -> list[Arm]:
         if r.get("status") == OK and isinstance(r.get("val_loss"), (int, float)):
             key = (r.get("method"), (r.get("tags") or {}).get("variant") or "", r.get("size"))
             groups.setdefault(key, []).append(r)
-    return [Arm(m, v, s, runs) for (m, v, s), runs in groups.items()]
+    return [Arm(m, v, s, sorted(runs, key=lambda r: r.get("seed", 0))) for (m, v, s), runs in groups.items()]
 
 
 def load_arms(folder: str | pathlib.Path) -> list[Arm]:
@@ -115,42 +187,62 @@ def load_arms(folder: str | pathlib.Path) -> list[Arm]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# comparisons with spread
-
-
-def below(a: float, sa: float, b: float, sb: float, margin: float = 0.0) -> str:
-    """Is a < b + margin? SUPPORTED / CONTRADICTED with one std of room on each side, else INCONCLUSIVE."""
-    if a + sa < b + margin - sb:
-        return SUPPORTED
-    if a - sa > b + margin + sb:
-        return CONTRADICTED
-    return INCONCLUSIVE
+# combining comparisons
 
 
 def combine(verdicts: list[str]) -> str:
-    """All parts supported -> supported; any contradicted -> contradicted; else inconclusive."""
+    """Every part must hold: all supported -> supported; any contradicted -> contradicted; otherwise indicative
+    when some part is (and none straddles), else inconclusive; no part -> not testable."""
     if not verdicts:
         return NOT_TESTABLE
-    if all(v == SUPPORTED for v in verdicts):
-        return SUPPORTED
     if any(v == CONTRADICTED for v in verdicts):
         return CONTRADICTED
-    return INCONCLUSIVE
+    if all(v == SUPPORTED for v in verdicts):
+        return SUPPORTED
+    if INCONCLUSIVE in verdicts:
+        return INCONCLUSIVE
+    return INDICATIVE
+
+
+def any_of(verdicts: list[str]) -> str:
+    """Some part must hold: any supported -> supported; all contradicted -> contradicted; else as combine."""
+    if not verdicts:
+        return NOT_TESTABLE
+    if SUPPORTED in verdicts:
+        return SUPPORTED
+    if all(v == CONTRADICTED for v in verdicts):
+        return CONTRADICTED
+    return INCONCLUSIVE if INCONCLUSIVE in verdicts else INDICATIVE
+
+
+def _finish(v: Verdict, comparisons: list[Comparison], verdict: str) -> Verdict:
+    v.verdict = verdict
+    v.n = min((c.interval.n for c in comparisons), default=0)
+    if comparisons:
+        v.evidence = COMPARISON_HEADER + [c.row() for c in comparisons] + v.evidence
+    return v
 
 
 def _pick(arms: list[Arm], test: Callable[[Arm], bool]) -> list[Arm]:
     return [a for a in arms if test(a)]
 
 
-def _pm(mean: float, std: float, digits: int) -> str:
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def _si(x: float) -> str:
+    if not math.isfinite(x):
+        return "–"
     for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= factor:
             return f"{x / factor:.3g}{prefix}"
     return f"{x:.3g}"
+
+
+def _rank(size: str) -> int:
+    return list(SIZES).index(size) if size in SIZES else len(SIZES)
+
+
+def _vanilla(arms: list[Arm]) -> dict[str, Arm]:
+    """Vanilla's arm per size (its plain variant)."""
+    return {a.size: a for a in arms if a.method == "vanilla" and not a.variant}
 
 
 def _ponderlm3(arms: list[Arm]) -> list[Arm]:
@@ -162,81 +254,139 @@ def _ponderlm2_k(arms: list[Arm], k: int) -> list[Arm]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# preconditions
+
+
+def precondition_p1(arms: list[Arm]) -> Verdict:
+    v = Verdict("P1", "The dense frontier: each larger vanilla rung beats the next smaller one at matched tokens "
+                "(at the same width, the deeper one: depth pays).", NOT_TESTABLE,
+                decision="larger rung minus smaller rung < 0 for every pair of neighbouring vanilla rungs")
+    vanilla = sorted(_vanilla(arms).values(), key=lambda a: _rank(a.size))
+    comparisons = [compare(larger, smaller) for smaller, larger in zip(vanilla, vanilla[1:])]
+    if not comparisons:
+        v.evidence.append("needs vanilla at two sizes")
+    return _finish(v, comparisons, combine([c.verdict for c in comparisons]))
+
+
+def precondition_p2(arms: list[Arm]) -> Verdict:
+    v = Verdict("P2", "Pondering pays: PonderLM-2 beats vanilla of the same size at matched tokens.", NOT_TESTABLE,
+                decision="PonderLM-2 minus vanilla at the same size < 0, for every K the study ran")
+    vanilla = _vanilla(arms)
+    comparisons = [compare(p2, vanilla[p2.size]) for p2 in _pick(arms, lambda a: a.method == "ponderlm2")
+                   if p2.size in vanilla]
+    if not comparisons:
+        v.evidence.append("needs PonderLM-2 and vanilla at one size")
+    return _finish(v, comparisons, combine([c.verdict for c in comparisons]))
+
+
+def precondition_p3(arms: list[Arm]) -> Verdict:
+    v = Verdict("P3", "More steps pay: PonderLM-2 with K=3 beats K=1 at the same size.", NOT_TESTABLE,
+                decision="PonderLM-2 K=3 minus K=1 at the same size < 0")
+    k1 = {a.size: a for a in _ponderlm2_k(arms, 1)}
+    comparisons = [compare(k3, k1[k3.size]) for k3 in _ponderlm2_k(arms, 3) if k3.size in k1]
+    if not comparisons:
+        v.evidence.append("needs PonderLM-2 with K=1 and K=3 at one size")
+    return _finish(v, comparisons, combine([c.verdict for c in comparisons]))
+
+
+# ---------------------------------------------------------------------------------------------------
 # the claims
+
+
+def claim_c0(arms: list[Arm]) -> Verdict:
+    v = Verdict("C0", "PonderLM-2's headline: pondering at rung s beats vanilla one rung up on the same tokens "
+                "(paper: PonderLM-2-Pythia-1.4B beats vanilla Pythia-2.8B on 300B tokens).", NOT_TESTABLE,
+                decision="PonderLM-2 at rung s minus vanilla at the next rung of the ladder < 0; supported if some "
+                "PonderLM-2 arm is, contradicted if every arm is")
+    vanilla = _vanilla(arms)
+    ladder = sorted(vanilla, key=_rank)
+    comparisons = []
+    for p2 in _pick(arms, lambda a: a.method == "ponderlm2"):
+        up = [s for s in ladder if _rank(s) > _rank(p2.size)]
+        if up:
+            comparisons.append(compare(p2, vanilla[up[0]]))
+    if not comparisons:
+        v.evidence.append("needs PonderLM-2 at a rung and vanilla at a larger one")
+    return _finish(v, comparisons, any_of([c.verdict for c in comparisons]))
+
+
+def _flops_ratio(p3: Arm, p2: Arm) -> Interval:
+    a, b = p3.by_seed("infer_flops_per_token"), p2.by_seed("infer_flops_per_token")
+    return stats.t_interval([a[s] / b[s] for s in sorted(set(a) & set(b)) if b[s] > 0])
 
 
 def claim_c1(arms: list[Arm]) -> Verdict:
     v = Verdict("C1", "PonderLM-3 reaches PonderLM-2 (K=3)'s perplexity, within 1%, at no more than 90% of its "
                 "measured inference FLOPs (paper: 46.4 average accuracy at 8.86 GFLOPs vs 46.0 at 9.84).",
-                NOT_TESTABLE, decision="loss within ln(1.01) of PonderLM-2's, mean inference FLOPs <= 0.9x; "
-                "supported if some PonderLM-3 arm at the same size meets both, contradicted if none can")
-    parts: list[str] = []
+                NOT_TESTABLE, decision="PonderLM-3 minus PonderLM-2 K=3 in loss < ln(1.01) and the per-seed "
+                "FLOPs ratio < 0.9, both by their 95% intervals; supported if some PonderLM-3 arm at the same "
+                "size meets both, contradicted if every arm fails one")
+    comparisons, parts, ratio_lines = [], [], []
     for p2 in _ponderlm2_k(arms, 3):
         for p3 in _pick(_ponderlm3(arms), lambda a, size=p2.size: a.size == size):
-            ratio = p3.mean("infer_flops_per_token") / p2.mean("infer_flops_per_token")
-            quality = below(p3.mean("val_loss"), p3.std("val_loss"), p2.mean("val_loss"), p2.std("val_loss"),
-                            PPL_TOLERANCE)
-            cost = SUPPORTED if ratio <= C1_FLOPS_RATIO else CONTRADICTED
-            parts.append(combine([quality, cost]))
-            v.evidence.append(f"| {p3.name} ({p3.seeds} seeds) | {p3.loss()} | {p3.flops()} | {ratio:.3f} | "
-                              f"{p2.name} ({p2.seeds} seeds): {p2.loss()}, {p2.flops()} | {quality} | {cost} |")
-    if parts:
-        v.evidence.insert(0, "| PonderLM-3 arm | loss | inference FLOPs/token | FLOPs / PonderLM-2's | "
-                             "PonderLM-2 (K=3) | loss within 1% | FLOPs <= 90% |")
-        v.evidence.insert(1, "| --- | --- | ---: | ---: | --- | --- | --- |")
-        v.verdict = SUPPORTED if SUPPORTED in parts else (CONTRADICTED if all(p == CONTRADICTED for p in parts)
-                                                           else INCONCLUSIVE)
-    else:
-        v.evidence.append("needs PonderLM-2 with latent_steps=3 and PonderLM-3 at the same size")
-    return v
+            quality = compare(p3, p2, PPL_TOLERANCE)
+            ratio = _flops_ratio(p3, p2)
+            cost = stats.verdict_below(ratio, C1_FLOPS_RATIO)
+            comparisons.append(quality)
+            parts.append(combine([quality.verdict, cost]))
+            ratio_lines.append(f"- {p3.name}: inference FLOPs / {p2.name}'s = {ratio.text(3, signed=False)} "
+                               f"({p3.flops()} vs {p2.flops()}): {stats.indicative_text(cost, ratio.n)} "
+                               f"(< {C1_FLOPS_RATIO})")
+    v.evidence = ["", *ratio_lines] if ratio_lines else ["needs PonderLM-2 with K=3 and PonderLM-3 at one size"]
+    return _finish(v, comparisons, any_of(parts))
 
 
-def _dominance(p3s: list[Arm], base: Arm) -> tuple[str, str]:
+def _against(p3s: list[Arm], base: Arm) -> tuple[str, list[Comparison]]:
+    """One baseline against the PonderLM-3 arms at its size: beaten when an arm with at most its FLOPs is
+    wholly below it, winning when an arm with at least its FLOPs is wholly above."""
     flops_b = base.mean("infer_flops_per_token")
-    wins, losses = [], []
+    comparisons, outcomes = [], []
     for p in p3s:
-        flops_p = p.mean("infer_flops_per_token")
-        quality = below(p.mean("val_loss"), p.std("val_loss"), base.mean("val_loss"), base.std("val_loss"))
-        if flops_p <= flops_b * (1 + C2_FLOPS_TOLERANCE) and quality == SUPPORTED:
-            wins.append(p.name)
-        if flops_p >= flops_b * (1 - C2_FLOPS_TOLERANCE) and quality == CONTRADICTED:
-            losses.append(p.name)
-    if wins and not losses:
-        return SUPPORTED, f"dominated by {', '.join(wins)}"
-    if losses and not wins:
-        return CONTRADICTED, f"beats {', '.join(losses)} with no more FLOPs"
-    return INCONCLUSIVE, "no PonderLM-3 arm meets it at equal FLOPs with a clear loss difference"
+        flops_p, c = p.mean("infer_flops_per_token"), compare(p, base)
+        comparisons.append(c)
+        if c.verdict == SUPPORTED and flops_p <= flops_b * (1 + C2_FLOPS_TOLERANCE):
+            outcomes.append(SUPPORTED)
+        elif c.verdict == CONTRADICTED and flops_p >= flops_b * (1 - C2_FLOPS_TOLERANCE):
+            outcomes.append(CONTRADICTED)
+        else:  # a loss at fewer FLOPs, or a win at more, says nothing about equal FLOPs
+            outcomes.append(INDICATIVE if c.verdict == INDICATIVE else INCONCLUSIVE)
+    if SUPPORTED in outcomes and CONTRADICTED not in outcomes:
+        return SUPPORTED, comparisons
+    if CONTRADICTED in outcomes and SUPPORTED not in outcomes:
+        return CONTRADICTED, comparisons
+    return (INDICATIVE if outcomes and all(o == INDICATIVE for o in outcomes) else INCONCLUSIVE), comparisons
 
 
 def claim_c2(arms: list[Arm]) -> Verdict:
     v = Verdict("C2", "At equal measured inference FLOPs, PonderLM-3 has lower perplexity than the recursive and "
                 "adaptive baselines (looped, MoR, gated adaptive depth).", NOT_TESTABLE,
-                decision=f"dominance at equal FLOPs ({C2_FLOPS_TOLERANCE:.0%} tolerance), same size")
-    parts = []
+                decision=f"per baseline, every PonderLM-3 arm at its size: beaten if an arm with at most its FLOPs "
+                f"(+{C2_FLOPS_TOLERANCE:.0%}) is wholly below it, winning if an arm with at least its FLOPs "
+                f"(-{C2_FLOPS_TOLERANCE:.0%}) is wholly above; every baseline must be beaten")
+    comparisons, parts = [], []
     for base in _pick(arms, lambda a: a.method in ("looped", "mor", "adaponder")):
         p3s = _pick(_ponderlm3(arms), lambda a, size=base.size: a.size == size)
         if not p3s:
             continue
-        verdict, why = _dominance(p3s, base)
+        verdict, here = _against(p3s, base)
+        comparisons += here
         parts.append(verdict)
-        v.evidence.append(f"| {base.name} ({base.seeds} seeds) | {base.loss()} | {base.flops()} | {verdict}: {why} |")
+        v.evidence.append(f"- {base.name}: {base.flops()} FLOPs/token, loss {base.loss()}: "
+                          f"{stats.indicative_text(verdict, min(c.interval.n for c in here))}")
     if parts:
-        v.evidence.insert(0, "| baseline | loss | inference FLOPs/token | against PonderLM-3 |")
-        v.evidence.insert(1, "| --- | --- | ---: | --- |")
-        v.evidence.append("")
-        v.evidence.extend(f"- {p.name} ({p.seeds} seeds): loss {p.loss()}, {p.flops()} FLOPs/token"
-                          for p in _ponderlm3(arms))
+        v.evidence = ["", *v.evidence, *(f"- {p.name}: {p.flops()} FLOPs/token, loss {p.loss()}"
+                                         for p in _ponderlm3(arms))]
     else:
         v.evidence.append("needs PonderLM-3 and at least one of looped, mor, adaponder at the same size")
-    v.verdict = combine(parts)
-    return v
+    return _finish(v, comparisons, combine(parts))
 
 
 def claim_c3(arms: list[Arm]) -> Verdict:
     v = Verdict("C3", "The tokens that take more steps are the harder ones: Spearman(extra steps, token NLL) > 0, "
                 "and rare tokens take more steps than frequent ones.", NOT_TESTABLE,
-                decision="pooled over PonderLM-3 runs whose steps vary; rare/frequent = the rarest and most "
-                "frequent tenth of token occurrences in the validation text")
+                decision="over PonderLM-3 runs whose steps vary (every penalty and seed): the 95% t interval of "
+                "each statistic over runs lies above 0; rare/frequent = the rarest and most frequent tenth of "
+                "token occurrences in the validation text")
     rhos, diffs, constant = [], [], 0
     for arm in _ponderlm3(arms):
         for run in arm.runs:
@@ -250,19 +400,20 @@ def claim_c3(arms: list[Arm]) -> Verdict:
             if rare is not None and frequent is not None:
                 diffs.append(float(rare) - float(frequent))
     if constant:
-        v.evidence.append(f"{constant} PonderLM-3 run(s) took the same number of steps for every token "
+        v.evidence.append(f"- {constant} PonderLM-3 run(s) took the same number of steps for every token "
                           "(nothing to correlate)")
     if not rhos:
         v.verdict = INCONCLUSIVE if constant else NOT_TESTABLE
         return v
-    rho_m, rho_s = statistics.fmean(rhos), (statistics.stdev(rhos) if len(rhos) > 1 else 0.0)
-    v.evidence.append(f"- Spearman(steps, NLL) over {len(rhos)} run(s): {_pm(rho_m, rho_s, 3)}")
-    parts = [below(0.0, 0.0, rho_m, rho_s)]
+    rho = stats.t_interval(rhos)
+    parts = [stats.verdict_above(rho, 0.0)]
+    v.evidence.append(f"- Spearman(steps, NLL): {rho.text(3)} runs: {stats.indicative_text(parts[0], rho.n)}")
     if diffs:
-        d_m, d_s = statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
-        v.evidence.append(f"- mean steps, rare minus frequent tokens, over {len(diffs)} run(s): {_pm(d_m, d_s, 3)}")
-        parts.append(below(0.0, 0.0, d_m, d_s))
-    v.verdict = combine(parts)
+        diff = stats.t_interval(diffs)
+        parts.append(stats.verdict_above(diff, 0.0))
+        v.evidence.append(f"- mean steps, rare minus frequent tokens: {diff.text(3)} runs: "
+                          f"{stats.indicative_text(parts[1], diff.n)}")
+    v.verdict, v.n = combine(parts), rho.n
     return v
 
 
@@ -272,9 +423,10 @@ C4_ORDER = ("pondering", "looped", "pause", "vanilla")
 def claim_c4(arms: list[Arm]) -> Verdict:
     v = Verdict("C4", "PonderLM-1's ablation order at matched tokens holds: pondering < looped < pause < vanilla in "
                 "perplexity (paper: 14.16 < 15.33 < 16.53 < 16.95).", NOT_TESTABLE,
-                decision="per method, the arm at PonderLM-1's size with the most inference FLOPs")
+                decision="each neighbour pair paired (better minus worse < 0); per method, the arm at PonderLM-1's "
+                "size with the most inference FLOPs")
     chosen: list[Arm] = []
-    for size in sorted({a.size for a in arms if a.method == "pondering"}):
+    for size in sorted({a.size for a in arms if a.method == "pondering"}, key=_rank):
         at_size = []
         for method in C4_ORDER:
             candidates = _pick(arms, lambda a, m=method, s=size: a.method == m and a.size == s)
@@ -286,41 +438,113 @@ def claim_c4(arms: list[Arm]) -> Verdict:
     if not chosen:
         v.evidence.append("needs pondering, looped, pause and vanilla at one size")
         return v
-    parts = []
-    for better, worse in zip(chosen, chosen[1:]):
-        verdict = below(better.mean("val_loss"), better.std("val_loss"), worse.mean("val_loss"), worse.std("val_loss"))
-        parts.append(verdict)
-        v.evidence.append(f"- {better.name} < {worse.name}: {verdict}")
-    v.evidence.extend(f"- {a.name} ({a.seeds} seeds): loss {a.loss()}, {a.flops()} FLOPs/token" for a in chosen)
-    v.verdict = combine(parts)
-    return v
+    comparisons = [compare(better, worse) for better, worse in zip(chosen, chosen[1:])]
+    return _finish(v, comparisons, combine([c.verdict for c in comparisons]))
 
 
 def claim_c5(arms: list[Arm]) -> Verdict:
     v = Verdict("C5", "The Jacobi gap (parallel training loss minus exact sequential decoding) is small relative to "
                 "the loss.", NOT_TESTABLE,
-                decision=f"small: |gap| <= {C5_SMALL:.0%} of the loss in every run; large: mean above {C5_LARGE:.0%}")
+                decision=f"|gap| / loss over every PonderLM-2/3 run: small when its 95% interval lies below "
+                f"{C5_SMALL:.0%}, large when it lies above {C5_LARGE:.0%}")
     relative = []
     for arm in _pick(arms, lambda a: a.method in ("ponderlm2", "ponderlm3")):
         gaps = [abs(r["jacobi_gap"]) / r["val_loss"] for r in arm.runs if isinstance(r.get("jacobi_gap"), (int, float))]
         if gaps:
             relative.extend(gaps)
-            v.evidence.append(f"- {arm.name}: Jacobi gap {_pm(arm.mean('jacobi_gap'), arm.std('jacobi_gap'), 5)} nats, "
-                              f"{max(gaps):.3%} of the loss at most")
-    if relative:
-        v.verdict = SUPPORTED if max(relative) <= C5_SMALL else (
-            CONTRADICTED if statistics.fmean(relative) > C5_LARGE else INCONCLUSIVE)
-    else:
+            v.evidence.append(f"- {arm.name}: Jacobi gap {stats.t_interval(arm.values('jacobi_gap')).text(6)} nats, "
+                              f"{max(gaps):.4%} of the loss at most")
+    if not relative:
         v.evidence.append("needs PonderLM-2 or PonderLM-3 runs")
+        return v
+    interval = stats.t_interval(relative)
+    small, large = stats.verdict_below(interval, C5_SMALL), stats.verdict_above(interval, C5_LARGE)
+    v.verdict = small if small in (SUPPORTED, INDICATIVE) else (CONTRADICTED if large == SUPPORTED else INCONCLUSIVE)
+    v.n = interval.n
+    v.evidence.insert(0, f"- |gap| / loss over {interval.n} run(s): {interval.text(6)}")
     return v
 
 
-CLAIMS: tuple[Callable[[list[Arm]], Verdict], ...] = (claim_c1, claim_c2, claim_c3, claim_c4, claim_c5)
+PRECONDITIONS: tuple[Callable[[list[Arm]], Verdict], ...] = (precondition_p1, precondition_p2, precondition_p3)
+CLAIMS: tuple[Callable[[list[Arm]], Verdict], ...] = (claim_c0, claim_c1, claim_c2, claim_c3, claim_c4, claim_c5)
+#: the preconditions each claim rests on (module docstring)
+PREMISES: dict[str, tuple[str, ...]] = {"C0": ("P1",), "C1": ("P2",), "C2": ("P2",), "C4": ("P2",)}
 
 
-def evaluate_claims(arms: list[Arm]) -> list[Verdict]:
-    return [claim(arms) for claim in CLAIMS]
+def gate(claim: Verdict, preconditions: dict[str, Verdict]) -> Verdict:
+    """Apply the claim's premises: contradicted -> not testable in this regime; not established -> the claim's
+    comparisons stay, but it cannot be supported or contradicted."""
+    premises = [preconditions[p] for p in PREMISES.get(claim.claim, ()) if p in preconditions]
+    failed = [p for p in premises if p.verdict == CONTRADICTED]
+    unsettled = [p for p in premises if p.verdict != SUPPORTED]
+    if claim.verdict == NOT_TESTABLE:
+        return claim
+    if failed:
+        names = ", ".join(p.claim for p in failed)
+        claim.evidence = [f"*Premise {names} failed in this regime* (its comparisons above): the claim's own "
+                          "comparisons follow, for the record.", "", *claim.evidence]
+        claim.verdict = NOT_IN_REGIME
+    elif unsettled and claim.verdict in (SUPPORTED, CONTRADICTED):
+        names = ", ".join(f"{p.claim} {p.display()}" for p in unsettled)
+        claim.evidence = [f"*Premise not established* ({names}): the comparisons alone would read "
+                          f"{claim.verdict}.", "", *claim.evidence]
+        claim.verdict = f"{INCONCLUSIVE} (premise {', '.join(p.claim for p in unsettled)} not established)"
+    return claim
 
+
+def evaluate_preconditions(arms: list[Arm]) -> list[Verdict]:
+    return [p(arms) for p in PRECONDITIONS]
+
+
+def evaluate_claims(arms: list[Arm], preconditions: list[Verdict] | None = None) -> list[Verdict]:
+    """Every claim, gated by its premises (computed here unless given)."""
+    by_name = {p.claim: p for p in (preconditions if preconditions is not None else evaluate_preconditions(arms))}
+    return [gate(claim(arms), by_name) for claim in CLAIMS]
+
+
+# ---------------------------------------------------------------------------------------------------
+# learning curves: the preconditions along training
+
+
+def curve_by_seed(arm: Arm) -> dict[int, dict[int, float]]:
+    """``{seed: {training tokens: val_loss}}`` of an arm's learning curves (result.json ``curve``)."""
+    return {int(r.get("seed", 0)): {int(p["tokens"]): float(p["val_loss"]) for p in r.get("curve") or []}
+            for r in arm.runs if r.get("curve")}
+
+
+def curve_comparison(a: Arm, b: Arm) -> list[tuple[int, Interval]]:
+    """The paired difference a - b at every training-token count both arms' curves share."""
+    ca, cb = curve_by_seed(a), curve_by_seed(b)
+    seeds = sorted(set(ca) & set(cb))
+    points = sorted(set.intersection(*(set(ca[s]) & set(cb[s]) for s in seeds))) if seeds else []
+    return [(t, stats.paired({s: ca[s][t] for s in seeds}, {s: cb[s][t] for s in seeds})) for t in points]
+
+
+def precondition_pairs(arms: list[Arm]) -> list[tuple[str, Arm, Arm]]:
+    """(precondition, a, b) for every comparison P1-P3 make (a - b < 0 is the precondition holding)."""
+    vanilla = _vanilla(arms)
+    ladder = sorted(vanilla.values(), key=lambda a: _rank(a.size))
+    pairs = [("P1", larger, smaller) for smaller, larger in zip(ladder, ladder[1:])]
+    pairs += [("P2", p2, vanilla[p2.size]) for p2 in _pick(arms, lambda a: a.method == "ponderlm2")
+              if p2.size in vanilla]
+    k1 = {a.size: a for a in _ponderlm2_k(arms, 1)}
+    pairs += [("P3", k3, k1[k3.size]) for k3 in _ponderlm2_k(arms, 3) if k3.size in k1]
+    return pairs
+
+
+def curve_lines(arms: list[Arm], points: int = 5) -> list[str]:
+    """The preconditions' paired differences along training, at up to ``points`` curve points."""
+    rows = []
+    for name, a, b in precondition_pairs(arms):
+        curve = curve_comparison(a, b)
+        if len(curve) < 2:
+            continue
+        step = max(1, math.ceil(len(curve) / points))
+        shown = curve[::-1][::step][::-1]  # the last point always shown
+        cells = "; ".join(f"{_si(t)}: {iv.mean:+.3f}" + (f" ± {iv.half_width:.3f}" if iv.n >= 2 else "")
+                          for t, iv in shown)
+        rows.append(f"- {name}, {a.name} − {b.name} (n={shown[-1][1].n}) at training tokens: {cells}")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -332,37 +556,78 @@ def pruning_lines(arms: list[Arm]) -> list[str]:
     lines = []
     for arm in _ponderlm3(arms):
         tau = arm.config("prune_threshold")
-        steps = _pm(arm.mean("mean_extra_steps"), arm.std("mean_extra_steps"), 3)
-        gap = _pm(arm.mean("consistency_gap"), arm.std("consistency_gap"), 5)
-        lines.append(f"- {arm.name} ({arm.seeds} seeds): {steps} extra steps of K={arm.config('latent_steps')} at "
+        steps = stats.t_interval(arm.values("mean_extra_steps")).text(3, signed=False)
+        gap = stats.t_interval(arm.values("consistency_gap")).text(5)
+        lines.append(f"- {arm.name}: {steps} extra steps of K={arm.config('latent_steps')} at "
                      f"tau={'?' if tau is None else f'{tau:g}'}; consistency gap {gap} nats")
     return lines
 
 
-def markdown(arms: list[Arm], verdicts: list[Verdict], title: str) -> str:
-    out = [f"# Claims report: {title}", "",
-           "Computed by `python -m harness claims` from runs.jsonl (mean ± std over seeds; see "
-           "harness/claims.py for the verdict rules). A contradicted claim is a result, not an error.", "",
-           "| claim | verdict |", "| --- | --- |"]
-    out += [f"| {v.claim} | **{v.verdict}** |" for v in verdicts]
+PIPELINE_CHECK_LINE = ("**This study is a pipeline check, not evidence**: it runs every method end to end in "
+                       "minutes, too short and with too few seeds for any verdict below to mean anything.")
+
+
+def markdown(arms: list[Arm], verdicts: list[Verdict], title: str, preconditions: list[Verdict] | None = None,
+             pipeline_check: bool = False) -> str:
+    preconditions = preconditions if preconditions is not None else evaluate_preconditions(arms)
+    out = [PIPELINE_CHECK_LINE, ""] if pipeline_check else []
+    out += [f"# Claims report: {title}", "",
+            "Computed by `python -m harness claims` from runs.jsonl (harness/claims.py gives the rules). Every "
+            "comparison is a paired difference over the seeds both arms ran (seed s gives every method the same "
+            "batches, validation windows and shared initial values): its mean, 95% Student-t interval and n, "
+            "beside a paired bootstrap over validation windows (the evaluation's own noise). A verdict needs the "
+            "whole interval on one side of the threshold and at least 3 seeds; the half-width is the smallest "
+            "difference the study could have detected. A contradicted claim is a result, not an error.", "",
+            "| | verdict | n (fewest paired seeds) |", "| --- | --- | ---: |"]
+    out += [f"| {v.claim} (precondition) | **{v.display()}** | {v.n} |" for v in preconditions]
+    out += [f"| {v.claim} | **{v.display()}** | {v.n} |" for v in verdicts]
+    out += ["", "## Preconditions", ""]
+    for v in preconditions:
+        out += [f"### {v.claim}: {v.display()}", "", v.statement, "", f"*Test:* {v.decision}.", "", *v.evidence, ""]
+    along = curve_lines(arms)
+    if along:
+        out += ["### Along training", "",
+                "Paired differences (nats, mean ± 95% half-width) of the parallel validation loss on the learning "
+                "curves; negative means the precondition holds at that point:", "", *along, ""]
     pruning = pruning_lines(arms)
     if pruning:
-        out += ["", "## PonderLM-3 deployed pruning", "", *pruning]
+        out += ["## PonderLM-3 deployed pruning", "", *pruning, ""]
+    out += ["## Claims"]
     for v in verdicts:
-        out += ["", f"## {v.claim}: {v.verdict}", "", v.statement, ""]
+        premises = PREMISES.get(v.claim)
+        out += ["", f"### {v.claim}: {v.display()}", "", v.statement, ""]
+        if premises:
+            out += [f"*Premise:* {', '.join(premises)}.", ""]
         if v.decision:
             out += [f"*Test:* {v.decision}.", ""]
         out += v.evidence
     return "\n".join(out) + "\n"
 
 
-def write_claims(folder: str | pathlib.Path) -> pathlib.Path:
+def is_pipeline_check(folder: str | pathlib.Path) -> bool:
+    """The study the folder's sweep ran (its copy, study.toml) declares ``pipeline_check = true``."""
+    path = pathlib.Path(folder) / "study.toml"
+    try:
+        return bool(tomllib.loads(path.read_text(encoding="utf-8")).get("pipeline_check", False))
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+
+
+def report(folder: str | pathlib.Path) -> str:
+    """claims.md's text for a sweep folder."""
     folder = pathlib.Path(folder)
     arms = load_arms(folder)
-    path = folder / CLAIMS_FILE
-    write_bytes_atomic(path, markdown(arms, evaluate_claims(arms), folder.resolve().name).encode("utf-8"))
+    preconditions = evaluate_preconditions(arms)
+    return markdown(arms, evaluate_claims(arms, preconditions), folder.resolve().name, preconditions,
+                    is_pipeline_check(folder))
+
+
+def write_claims(folder: str | pathlib.Path) -> pathlib.Path:
+    path = pathlib.Path(folder) / CLAIMS_FILE
+    write_bytes_atomic(path, report(folder).encode("utf-8"))
     return path
 
 
-__all__ = ["CLAIMS", "CLAIMS_FILE", "Arm", "Verdict", "arms_of", "below", "combine", "load_arms", "markdown",
-           "evaluate_claims", "write_claims"]
+__all__ = ["CLAIMS", "CLAIMS_FILE", "NOT_IN_REGIME", "NOT_TESTABLE", "PRECONDITIONS", "PREMISES", "Arm", "Comparison",
+           "Verdict", "any_of", "arms_of", "combine", "compare", "curve_comparison", "evaluate_claims",
+           "evaluate_preconditions", "gate", "load_arms", "markdown", "precondition_pairs", "report", "write_claims"]

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "train and evaluate every method at matched compute (Ray)",
     "plot": "Pareto plots of a results directory",
     "table": "the comparison table of a results directory",
+    "report": "one self-contained HTML page of a results directory (report.html)",
     "claims": "test the PonderLM-3 paper's claims C1-C5 on a study's results",
     "bench": "speed benchmarks against the reference implementations",
     "tasks": "list the downstream tasks available offline",
@@ -41,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
                                   formatter_class=argparse.RawDescriptionHelpFormatter,
                                   epilog="commands:\n" + "\n".join(f"  {k:<8} {v}" for k, v in COMMANDS.items()))
     top.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv:  # no command is a usage error (exit 2, as argparse gives a wrong one), not a request for help
+        top.print_help(sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         top.parse_args(argv[:1] or ["--help"])
     name = argv[0]
     command = importlib.import_module(f"harness.commands.{name}")
@@ -50,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:])
     try:
         return int(command.run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # its message, where there is one, says what was kept (harness.train)
+        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
         return 130
     except HarnessError as exc:
         if os.environ.get("HARNESS_DEBUG"):

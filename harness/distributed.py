@@ -51,6 +51,7 @@ import logging
 import os
 import pathlib
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -265,8 +266,9 @@ def train_distributed(job: Job, out: str | os.PathLike, options: RunOptions, pro
     with torch.device("meta"):  # the step count needs the method's FLOPs per token, not its weights
         shape = make_model(job, corpus.tokenizer.vocab_size)
     total_steps(job, shape.train_flops_per_token(job.train.seq_len), len(corpus.train))
-    previous = claim_folder(job, out, force, corpus)
+    # Ray first: a cluster that cannot be joined fails before job.json and tokenizer.json are written
     with ray_session(options.address, options.devices * options.cpus_per_worker, options.verbose):
+        previous = claim_folder(job, out, force, corpus)
         returned = _fit(job, out, options, previous.get("downstream"), started, progress)
     if "error" in returned:
         raise getattr(errors, returned["error"], HarnessError)(returned["message"])
@@ -326,6 +328,46 @@ def _project_root() -> pathlib.Path | None:
     return root if (root / "pyproject.toml").exists() else None
 
 
+CONNECT_TIMEOUT_ENV = "HARNESS_RAY_CONNECT_TIMEOUT"  # seconds to reach a cluster's head before giving up
+DEFAULT_CONNECT_TIMEOUT = 30.0
+
+
+def connect_timeout() -> float:
+    """Seconds :func:`start_ray` waits for a cluster's head (``HARNESS_RAY_CONNECT_TIMEOUT``, default 30)."""
+    text = os.environ.get(CONNECT_TIMEOUT_ENV, "").strip()
+    try:
+        value = float(text) if text else DEFAULT_CONNECT_TIMEOUT
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"{CONNECT_TIMEOUT_ENV}={text!r}: must be a positive number of seconds")
+    return value
+
+
+def _wait_for_head(address: str, timeout: float) -> None:
+    """Wait up to ``timeout`` s for the head's GCS port to accept a TCP connection; a SweepError if it never does.
+
+    ray.init(address=...) retries an unreachable GCS without end inside Ray's C++ client (no Python signal
+    reaches it), so the address is probed first; ``auto`` and addresses without a port are left to Ray.
+    """
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return
+    deadline, reason = time.monotonic() + timeout, ""
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, min(left, 5.0))):
+                return
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+        if left <= 0.5:
+            break
+        time.sleep(0.5)  # a head that is still starting comes up within the timeout
+    raise SweepError(f"cannot reach the Ray cluster at {address} within {timeout:g} s ({reason}); check the address "
+                     f"(`ray status` on the head node), or raise {CONNECT_TIMEOUT_ENV} if the head is slow to start")
+
+
 def start_ray(address: str | None, cpus: int | None, verbose: bool) -> bool:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``) or start a local instance with ``cpus`` CPUs
     (default: all cores); True if this call started or joined it (and must shut it down)."""
@@ -342,6 +384,7 @@ def start_ray(address: str | None, cpus: int | None, verbose: bool) -> bool:
         if root is not None:  # a checkout: ship it so every node imports the same code
             runtime_env["working_dir"] = str(root)
             runtime_env["excludes"] = [".git", ".venv", ".tox", "results", "**/__pycache__", "*.safetensors"]
+        _wait_for_head(address, connect_timeout())
         try:
             ray.init(address=address, runtime_env=runtime_env, **kwargs)
         except (ConnectionError, RuntimeError) as exc:
@@ -366,5 +409,6 @@ def ray_session(address: str | None, cpus: int | None, verbose: bool) -> Iterato
             ray_module().shutdown()
 
 
-__all__ = ["DEFAULT_MAX_FAILURES", "FAULT_ENV", "FAULT_MARKER", "PARALLEL", "DataParallel", "RunOptions", "Sharded",
-           "check_devices", "ray_module", "ray_session", "start_ray", "train_distributed"]
+__all__ = ["CONNECT_TIMEOUT_ENV", "DEFAULT_MAX_FAILURES", "FAULT_ENV", "FAULT_MARKER", "PARALLEL", "DataParallel",
+           "RunOptions", "Sharded", "check_devices", "connect_timeout", "ray_module", "ray_session", "start_ray",
+           "train_distributed"]

@@ -113,6 +113,9 @@ def evaluate_model(model, corpus: TokenizedCorpus, cfg, device: torch.device,
         "infer_flops_per_token_analytic_max": model.analytic_flops_per_token(cfg.seq_len),
         "parallel_val_loss": parallel, "parallel_gap": parallel - loss,
     }
+    # per-window mean NLL, in window order: the paired bootstrap over windows resamples these (harness.stats)
+    result["val_window_loss"] = [round(float(x), 6) for x in
+                                 records["nll"].astype(np.float64).reshape(len(windows), -1).mean(axis=1)]
     if reports_steps:
         result["mean_extra_steps"] = float(records["steps"].mean())
         result["max_extra_steps"] = int(records["steps"].max())

@@ -47,6 +47,10 @@ class TrainConfig:
     log_every: int = 10
     eval_tokens: int = 32768  # validation tokens for perplexity (0 = the whole split)
     eval_batch_size: int = 32
+    # Learning curve: the parallel (training-form) validation loss on the evaluation windows at this many
+    # evenly spaced steps, the last one included (result.json "curve"); 0 = none. The PonderLM family's
+    # parallel form is its Jacobi solve (gap < 0.005% of the loss at the CPU rungs), MoR's its top-k routing.
+    curve_points: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
 
@@ -61,6 +65,7 @@ class TrainConfig:
         require(self, "beta2", 0 <= self.beta2 < 1, "must lie in [0, 1)")
         require(self, "grad_clip", self.grad_clip >= 0, "must be >= 0 (0 disables clipping)")
         require(self, "eval_tokens", self.eval_tokens >= 0, "must be >= 0 (0 = the whole split)")
+        require(self, "curve_points", self.curve_points >= 0, "must be >= 0 (0 = no learning curve)")
         require(self, "precision", self.precision in ("auto", "fp32", "bf16"), "choose auto, fp32 or bf16")
 
     @property
@@ -87,6 +92,8 @@ class Job:
     def __post_init__(self) -> None:
         if not (self.budget > 0 and math.isfinite(self.budget)):
             raise ConfigError(f"budget={self.budget!r}: must be a positive number of FLOPs, e.g. 1e12")
+        if self.seed < 0:  # step_seed() would fold it onto a large positive seed: another job's by accident
+            raise ConfigError(f"--seed {self.seed}: must be 0 or more")
         registry.get(self.method)  # unknown method -> clear error now, not after loading data
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,14 +29,20 @@ How it runs (docs/design.md, "Running and scale"):
   from their checkpoints; after :data:`MAX_OUTAGES` restarts in a row with no job finished in between
   it records them as failed. (A local instance always starts the dashboard agent, even with
   ``include_dashboard=False`` or a minimal ``ray`` install, and its raylet dies with it.)
+* An I/O error on the output folder (made unwritable, disk full: :func:`storage_fault`) is an outage, not
+  a job's failure: the task returns it instead of raising (so Ray does not retry it at once), the driver
+  stops launching jobs, cancels the queued ones, records nothing for them, keeps every checkpoint and ends
+  with the summary and one line naming what failed and where (:attr:`SweepOutcome.outage`); rerunning the
+  same command resumes.
 * Running the same command again skips jobs already recorded "ok" and resumes interrupted ones.
-* At the end it writes the plots and tables of :mod:`harness.report` into ``OUT``.
+* At the end it writes the plots, tables and ``report.html`` of :mod:`harness.report` into ``OUT``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -60,6 +66,7 @@ from harness.distributed import PARALLEL, RunOptions, check_devices, ray_module,
 from harness.job import Job
 from harness.lmeval.runner import evaluate_downstream
 from harness.results import OK, PLAN_FILE, ResultsStore, failed_record, ok_record, one_line
+from harness.tracking import DEFAULT_TRACKER
 from harness.train import train_job
 
 # What `python -m harness sweep` runs with neither --study nor --budget (harness/studies/quick.toml).
@@ -67,6 +74,23 @@ DEFAULT_STUDY = "quick"
 STUDY_COPY = "study.toml"  # the study file a sweep ran, kept beside its results
 DEFAULT_RETRIES = 2
 WORKER_FILE = "worker.json"  # written by a running task into its job folder: pid, host, sweep token
+OUTAGE = "outage"  # status of what a task returns on an output-folder fault; never stored in runs.jsonl
+# errors of a write that say the storage is unusable (no permission, read-only, full, over quota, failing)
+STORAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO}
+
+
+def storage_fault(exc: OSError, root: str | os.PathLike) -> bool:
+    """True for an OSError of the output folder ``root`` (a path under it, or a nameless write error such as
+    ENOSPC from a file already open there), False for any other (a data source that cannot be read)."""
+    if exc.filename is None:
+        return exc.errno in STORAGE_ERRNOS
+    path, top = pathlib.Path(os.path.abspath(exc.filename)), pathlib.Path(os.path.abspath(root))
+    return path == top or top in path.parents
+
+
+def _outage_line(exc: OSError) -> str:
+    where = f" on {exc.filename}" if exc.filename else ""
+    return f"{type(exc).__name__}{where}: {exc.strerror or exc}"
 
 
 @dataclass
@@ -80,6 +104,7 @@ class SweepOptions:
     devices_per_job: int = 1  # > 1: each job on that many devices through Ray Train (harness.distributed)
     parallel: str = "ddp"  # ddp | fsdp, with devices_per_job > 1
     compile_blocks: bool = False  # every job's training blocks through torch.compile (harness.train.train_job)
+    tracker: str = DEFAULT_TRACKER  # each job's training logs: tensorboard, wandb (offline) or none (harness.tracking)
     retries: int = DEFAULT_RETRIES
     tasks: list[str] = field(default_factory=list)
     num_fewshot: int = 0
@@ -107,6 +132,8 @@ class SweepOutcome:
     failed: int = 0
     wall_seconds: float = 0.0
     reports: list[str] = field(default_factory=list)
+    outage: str | None = None  # what failed on the output folder, and where; the sweep stopped launching jobs
+    not_run: int = 0  # jobs left for a rerun because of the outage
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -137,11 +164,12 @@ def _note_worker(folder: pathlib.Path, token: str) -> tuple[int, int | None]:
 
 def execute_job(job_dict: dict[str, Any], root: str, token: str, tasks: list[str], num_fewshot: int,
                 task_limit: int | None, threads: int, devices: int = 1, parallel: str = "ddp",
-                retries: int = 0, compile_blocks: bool = False) -> dict[str, Any]:
+                retries: int = 0, compile_blocks: bool = False, tracker: str = DEFAULT_TRACKER) -> dict[str, Any]:
     """Train (or resume, or reuse) one job, evaluate it downstream, append and return its record.
 
     ``devices`` > 1: the job trains through Ray Train on that many devices (``threads`` CPUs per CPU
     worker, ``retries`` restarts of its worker group). ``compile_blocks``: its blocks through torch.compile.
+    ``tracker``: where its training logs go (:mod:`harness.tracking`; a job on several devices logs to TensorBoard).
     """
     torch.set_num_threads(max(1, threads))
     store = ResultsStore(root)
@@ -149,8 +177,15 @@ def execute_job(job_dict: dict[str, Any], root: str, token: str, tasks: list[str
     folder = store.job_dir(job.job_id())
     run = (RunOptions(devices, parallel, cpus_per_worker=threads, max_failures=retries,
                       compile_blocks=compile_blocks) if devices > 1 else None)
-    with file_lock(folder / ".lock"):  # a killed sweep's worker may outlive its driver
-        return _execute_locked(job, folder, store, token, tasks, num_fewshot, task_limit, run, compile_blocks)
+    try:
+        with file_lock(folder / ".lock"):  # a killed sweep's worker may outlive its driver
+            return _execute_locked(job, folder, store, token, tasks, num_fewshot, task_limit, run, compile_blocks,
+                                   tracker)
+    except OSError as exc:
+        if not storage_fault(exc, root):
+            raise
+        # returned, not raised: Ray would retry it at once, and every retry would meet the same fault
+        return {"job_id": job.job_id(), "status": OUTAGE, "error": _outage_line(exc)}
 
 
 def token_analysis(folder: pathlib.Path) -> dict[str, Any]:
@@ -168,12 +203,13 @@ def token_analysis(folder: pathlib.Path) -> dict[str, Any]:
 
 
 def _execute_locked(job, folder: pathlib.Path, store: ResultsStore, token: str, tasks: list[str], num_fewshot: int,
-                    task_limit: int | None, run: RunOptions | None, compile_blocks: bool = False) -> dict[str, Any]:
+                    task_limit: int | None, run: RunOptions | None, compile_blocks: bool = False,
+                    tracker: str = DEFAULT_TRACKER) -> dict[str, Any]:
     attempt, resumed_from = _note_worker(folder, token)
     extra = {"attempt": attempt, "resumed_from_step": resumed_from, "host": socket.gethostname()}
     try:
         if run is None:
-            result = train_job(job, folder, progress=False, compile_blocks=compile_blocks)
+            result = train_job(job, folder, progress=False, compile_blocks=compile_blocks, tracker=tracker)
         else:
             result = train_distributed(job, folder, run, progress=False)
     except HarnessError as exc:
@@ -228,8 +264,47 @@ def _ray():
 
 
 def _start_ray(options: SweepOptions) -> bool:
-    """Connect to or start Ray; True if this call started it (and must shut it down)."""
+    """Connect to or start Ray; True if this call started it (and must shut it down). A local instance is
+    started only after the agents an earlier, killed driver left behind are ended (:func:`end_orphaned_agents`)."""
+    if not (options.address or os.environ.get("RAY_ADDRESS")) or options.address == "local":
+        end_orphaned_agents()
     return start_ray(options.address, options.cpus, options.verbose)
+
+
+ORPHAN_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def end_orphaned_agents() -> list[int]:
+    """End the dashboard and runtime-env agents whose raylet is gone (Linux /proc; nothing elsewhere).
+
+    A raylet starts both agents; when its driver is killed (SIGKILL: no chance to shut Ray down) they outlive
+    it by a minute or two, holding memory and ports. An agent whose parent is no longer a raylet belongs to no
+    running Ray instance, so ending it takes nothing from anyone. Returns the pids ended."""
+    ended = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        pid = int(stat.parent.name)
+        if not any(_cmdline(pid).startswith(name.encode()) for name in ORPHAN_AGENTS):
+            continue
+        parent = _parent(pid)
+        if parent is not None and b"raylet" not in _cmdline(parent):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, 9)
+                ended.append(pid)
+    return ended
 
 
 def _cluster_slots(options: SweepOptions) -> tuple[int, int]:
@@ -279,15 +354,34 @@ def _finished(record: dict[str, Any] | None, tasks: list[str]) -> bool:
             and all(t in (record.get("downstream") or {}) for t in tasks))
 
 
-def _running(pending: dict[Any, planning.PlannedJob], store: ResultsStore, token: str) -> int:
-    count = 0
+def _running(pending: dict[Any, planning.PlannedJob], store: ResultsStore, token: str, slots: int) -> int:
+    """Jobs of this sweep whose worker is alive, at most ``slots``: a job queued for a retry keeps the marker
+    of its dead worker until a new one starts."""
+    count, host = 0, socket.gethostname()
     for planned in pending.values():
         try:
             marker = json.loads((store.job_dir(planned.job_id) / WORKER_FILE).read_text())
         except (OSError, ValueError):
             continue
-        count += marker.get("token") == token
-    return count
+        count += marker.get("token") == token and (marker.get("host") != host or _pid_alive(marker.get("pid")))
+    return min(count, slots)
+
+
+def _pid_alive(pid: Any) -> bool:
+    """A process ``pid`` of this host that has not exited (a zombie counts as exited)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # gone, or no /proc (not Linux): signal 0 asks the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True
+        return True
 
 
 def _failure_message(exc: BaseException) -> str:
@@ -347,12 +441,7 @@ def sweep(request: planning.PlanRequest, options: SweepOptions) -> SweepOutcome:
             if vocab is not None and vocab != plan.vocab_size:  # count with the tokenizer's real size
                 plan = planning.make_plan(dataclasses.replace(request, vocab_size=vocab), plan.hardware)
                 outcome.plan = plan
-        make_folder(store.root, "--out")  # after the confirmation: a sweep that stops leaves nothing behind
-        write_json_atomic(store.root / PLAN_FILE, plan.to_dict())
-        if options.study_text is not None:
-            write_bytes_atomic(store.root / STUDY_COPY, options.study_text.encode("utf-8"))
-
-        latest = store.latest()
+        latest = _open_output(store, plan, options)
         todo = [j for j in plan.jobs if not _finished(latest.get(j.job_id), options.tasks)]
         outcome.skipped = len(plan.jobs) - len(todo)
         if outcome.skipped:
@@ -366,15 +455,33 @@ def sweep(request: planning.PlanRequest, options: SweepOptions) -> SweepOutcome:
         raise
     finally:
         if we_started:
-            _ray().shutdown()
-    if options.reports and store.path.exists():
+            _shutdown_ray()
+    _write_reports(store, options, outcome, say)
+    outcome.wall_seconds = time.time() - started
+    return outcome
+
+
+def _open_output(store: ResultsStore, plan: planning.Plan, options: SweepOptions) -> dict[str, dict[str, Any]]:
+    """Create the output folder, write the plan (and study) into it; the records it holds already."""
+    make_folder(store.root, "--out")  # after the confirmation: a sweep that stops leaves nothing behind
+    try:
+        write_json_atomic(store.root / PLAN_FILE, plan.to_dict())
+        if options.study_text is not None:
+            write_bytes_atomic(store.root / STUDY_COPY, options.study_text.encode("utf-8"))
+        return store.latest()
+    except OSError as exc:  # before any job: nothing to keep, so one line and no summary
+        raise SweepError(f"the output folder failed ({_outage_line(exc)}); fix it (permissions, free space) "
+                         "or choose another --out, then run the same command") from None
+
+
+def _write_reports(store: ResultsStore, options: SweepOptions, outcome: SweepOutcome, say) -> None:
+    """The plots, tables and claims; none after an outage (the folder cannot take them; the caller says so)."""
+    if options.reports and store.path.exists() and not outcome.outage:
         try:
             outcome.reports = [str(p) for p in report.write_reports(store.root)]
         except Exception as exc:  # the results are safe in runs.jsonl; the report can be redone
             say(f"warning: could not write the reports ({one_line(exc)}); "
                 f"run `python -m harness plot/table {store.root}`")
-    outcome.wall_seconds = time.time() - started
-    return outcome
 
 
 def _probe_hardware(request: planning.PlanRequest) -> planning.Hardware:
@@ -413,10 +520,67 @@ def _is_ray_fault(exc: BaseException, nodes: set[str] | None) -> bool:
     return False
 
 
-def _restart_ray(options: SweepOptions, outages: int) -> None:
-    """Back off, then start the local instance afresh (or join the cluster again)."""
+def _local_node():
+    """The Ray node this process started (a local instance), or None (a joined cluster, Ray not started)."""
+    try:  # Ray's private handle on the processes it started: the only record of their pids
+        from ray._private import worker
+
+        node = worker._global_node
+    except ImportError:
+        return None
+    return node if node is not None and node.head else None
+
+
+def _gcs_dead() -> bool:
+    """True when the GCS (head process) of the local instance this process started has exited. Ray's client
+    would wait 60 s for it, then end the driver with no summary; the sweep sees it at its next poll and restarts
+    Ray as after a dead raylet. (A cluster's GCS runs elsewhere: its loss surfaces as a RayError instead.)"""
+    from ray._private import ray_constants
+
+    node = _local_node()
+    processes = node.all_processes.get(ray_constants.PROCESS_TYPE_GCS_SERVER, []) if node is not None else []
+    return any(info.process.poll() is not None for info in processes)
+
+
+def _descendants(root: int) -> list[int]:
+    """Pids of the live descendants of process ``root`` (Linux /proc; none elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _shutdown_ray() -> None:
+    """Shut Ray down, then end what the local instance's raylet started and left running (its dashboard and
+    runtime-env agents outlive a raylet whose GCS died by a minute or two, holding memory and ports)."""
+    from ray._private import ray_constants
+
+    node = _local_node()
+    raylets = node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, []) if node is not None else []
+    leftovers = [pid for info in raylets for pid in [info.process.pid, *_descendants(info.process.pid)]]
     with contextlib.suppress(Exception):  # already half gone
         _ray().shutdown()
+    for pid in leftovers:  # processes of the instance this sweep started: nobody else's
+        if _pid_alive(pid) and _is_ray_process(pid):  # and still Ray's: a pid freed meanwhile may be reused
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, 9)
+
+
+def _is_ray_process(pid: int) -> bool:
+    """Process ``pid`` runs Ray's code (raylet, ray::DashboardAgent, ray::RuntimeEnvAgent, a Ray worker)."""
+    return b"ray" in _cmdline(pid)
+
+
+def _restart_ray(options: SweepOptions, outages: int) -> None:
+    """Back off, then start the local instance afresh (or join the cluster again)."""
+    _shutdown_ray()
     time.sleep(OUTAGE_BACKOFF * 2 ** (outages - 1))
     _start_ray(options)
 
@@ -432,7 +596,8 @@ def _run_jobs(todo: list[planning.PlannedJob], store: ResultsStore, options: Swe
         while queue:
             done_before = outcome.ran
             lost, fault = _run_round(queue, store, options, outcome, say, token, bar)
-            if not lost:
+            if not lost or outcome.outage:
+                outcome.not_run += len(lost)
                 break
             outages = 1 if outcome.ran > done_before else outages + 1
             if outages > MAX_OUTAGES:
@@ -449,8 +614,15 @@ def _run_jobs(todo: list[planning.PlannedJob], store: ResultsStore, options: Swe
     return restarted
 
 
-def _collect(record: dict[str, Any], store: ResultsStore, outcome: SweepOutcome, bar) -> None:
-    store.append(record)  # the worker appended ok records already: this is then a no-op
+def _collect(record: dict[str, Any], store: ResultsStore, outcome: SweepOutcome, bar) -> bool:
+    """Record a finished job; False (and ``outcome.outage`` set) if runs.jsonl cannot be written."""
+    try:
+        store.append(record)  # the worker appended ok records already: this is then a no-op
+    except OSError as exc:
+        if not storage_fault(exc, store.root):
+            raise
+        outcome.outage = outcome.outage or _outage_line(exc)
+        return False
     outcome.ran += 1
     if record.get("status") == OK:
         outcome.ok += 1
@@ -458,6 +630,27 @@ def _collect(record: dict[str, Any], store: ResultsStore, outcome: SweepOutcome,
         outcome.failed += 1
     bar.write(_describe(record), file=sys.stderr)
     bar.update(1)
+    return True
+
+
+def _store(record: dict[str, Any], store: ResultsStore, outcome: SweepOutcome, bar) -> bool:
+    """Collect a job's record; False on an outage of the output folder (the task's or runs.jsonl's)."""
+    if record.get("status") == OUTAGE:
+        outcome.outage = outcome.outage or record["error"]
+        return False
+    return _collect(record, store, outcome, bar)
+
+
+def _stop_launching(first: bool, pending: dict[Any, planning.PlannedJob], waiting: list[planning.PlannedJob],
+                    lost: list[planning.PlannedJob], outcome: SweepOutcome, say) -> None:
+    """On the first outage: submit nothing more and cancel what is pending (they would meet the same fault)."""
+    if not first:
+        return
+    say(f"the output folder failed ({outcome.outage}); stopping: no new jobs, the others cancelled")
+    lost.extend(waiting)
+    waiting.clear()
+    for other in pending:
+        _ray().cancel(other)  # queued: never starts; running: stops, its last checkpoint stays
 
 
 def _run_round(queue: list[planning.PlannedJob], store: ResultsStore, options: SweepOptions, outcome: SweepOutcome,
@@ -487,7 +680,7 @@ def _run_round(queue: list[planning.PlannedJob], store: ResultsStore, options: S
             planned = waiting.pop(0)
             ref = task.remote(planned.job.to_dict(), root, token, options.tasks, options.num_fewshot,
                               options.task_limit, options.cpus_per_job, devices, options.parallel, options.retries,
-                              options.compile_blocks)
+                              options.compile_blocks, options.tracker)
             pending[ref] = planned
 
     pending: dict[Any, planning.PlannedJob] = {}
@@ -499,19 +692,27 @@ def _run_round(queue: list[planning.PlannedJob], store: ResultsStore, options: S
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
         except ray.exceptions.RayError as exc:  # the driver lost its raylet or the GCS
             return lost + list(pending.values()) + waiting, one_line(exc)
+        if _gcs_dead():  # every job still pending is lost with it: resumed from its checkpoint after a restart
+            return lost + list(pending.values()) + waiting, "Ray's GCS (its head process) died"
         for ref in ready:
             planned = pending.pop(ref)
             try:
                 record = ray.get(ref)
             except ray.exceptions.RayError as exc:  # retries exhausted (crash, kill, unexpected error)
+                if outcome.outage:  # a queued job cancelled below: left for the rerun
+                    lost.append(planned)
+                    continue
                 if _is_ray_fault(exc, nodes):
                     lost.append(planned)
                     fault = _failure_message(exc)
                     continue
                 record = failed_record(planned.job, _failure_message(exc), attempt=options.retries + 1)
-            _collect(record, store, outcome, bar)
+            first = not outcome.outage
+            if not _store(record, store, outcome, bar):  # an outage: this job and the others wait for a rerun
+                lost.append(planned)
+                _stop_launching(first, pending, waiting, lost, outcome, say)
         submit()
-        counts = {"done": outcome.ok, "running": _running(pending, store, token), "failed": outcome.failed}
+        counts = {"done": outcome.ok, "running": _running(pending, store, token, slots), "failed": outcome.failed}
         if counts != shown:  # redraw on change only: a log file gets one line per change, not per poll
             bar.set_postfix(counts, refresh=True)
             shown = counts

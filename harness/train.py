@@ -25,19 +25,21 @@ import os
 import pathlib
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from harness import checkpoint, hf
+from harness import checkpoint, hf, tracking
 from harness.core import compute
 from harness.core.errors import CheckpointError, ConfigError, TrainingError
 from harness.core.io import make_folder, read_json, remove_if_empty, write_json_atomic
-from harness.data import batch_at, load_corpus
-from harness.evaluate import evaluate_model
+from harness.data import batch_at, load_corpus, validation_windows
+from harness.evaluate import evaluate_model, parallel_loss
 from harness.job import Job, TrainConfig, autocast_for, make_model, resolve_device
 
 
@@ -158,9 +160,13 @@ def claim_folder(job: Job, out: pathlib.Path, force: bool, corpus) -> dict[str, 
 
 
 def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bool = False,
-              compile_blocks: bool = False) -> dict[str, Any]:
+              compile_blocks: bool = False, stop_on_signal: bool = False,
+              tracker: str | None = tracking.DEFAULT_TRACKER) -> dict[str, Any]:
     """Run (or resume, or return the finished result of) ``job`` in folder ``out``, in this process;
-    ``compile_blocks``: the training forwards' blocks through torch.compile (see the module docstring)."""
+    ``compile_blocks``: the training forwards' blocks through torch.compile (see the module docstring);
+    ``tracker``: where the training logs go besides metrics.jsonl (:mod:`harness.tracking`);
+    ``stop_on_signal``: SIGINT or SIGTERM ends the current step, writes a checkpoint and raises
+    KeyboardInterrupt (:func:`stop_signals`; what ``harness train`` asks for)."""
     out = pathlib.Path(out)
     finished = finished_result(job, out, force)  # reads only: nothing is written until the job is validated
     if finished is not None:
@@ -172,7 +178,8 @@ def train_job(job: Job, out: str | os.PathLike, progress: bool = True, force: bo
     placement.device(job.train)  # an unavailable device fails before the data is loaded
     prepared = prepare(job)
     previous = claim_folder(job, out, force, prepared.corpus)
-    return run_steps(job, out, prepared, placement, previous.get("downstream"), started, progress, compile_blocks)
+    return run_steps(job, out, prepared, placement, previous.get("downstream"), started, progress, compile_blocks,
+                     stop_on_signal, tracker)
 
 
 def compile_training(model: torch.nn.Module, job: Job, announce: bool) -> bool:
@@ -189,7 +196,8 @@ def compile_training(model: torch.nn.Module, job: Job, announce: bool) -> bool:
 
 def run_steps(job: Job, out: pathlib.Path, prepared: Prepared, placement: Placement,
               downstream: dict[str, Any] | None, started: float, progress: bool,
-              compile_blocks: bool = False) -> dict[str, Any] | None:
+              compile_blocks: bool = False, stop_on_signal: bool = False,
+              tracker: str | None = tracking.DEFAULT_TRACKER) -> dict[str, Any] | None:
     """Train ``prepared`` from its checkpoint (if any) to its last step, then (rank 0) evaluate it and
     write result.json. Returns the result on rank 0, None on the other ranks.
 
@@ -198,6 +206,8 @@ def run_steps(job: Job, out: pathlib.Path, prepared: Prepared, placement: Placem
     rows, so the data and the torch RNG draws of a step (PonderLM's Jacobi pass count) are the same at any
     number of ranks; losses and stats are averaged and the compute ledger summed over ranks.
     ``compile_blocks``: the blocks through torch.compile (:func:`compile_training`), once on the device.
+    ``stop_on_signal``: see :func:`train_job`. The ledger's training FLOPs are compared with the planned ones
+    after the first steps (where the method's count is exact) and at the end (:func:`train_flops_warning`).
     """
     cfg = job.train
     device = placement.device(cfg)
@@ -225,7 +235,13 @@ def run_steps(job: Job, out: pathlib.Path, prepared: Prepared, placement: Placem
     ledger = compute.ComputeLedger(measured if main else compute.LedgerTotals())  # rank 0 carries the past
     bar = _progress(steps, start_step, f"{job.method}/{job.size}", progress and main)
     step_timer, window_tokens, seconds = time.time(), 0, seconds_before
-    with ledger, (open(metrics_file, "a") if main else contextlib.nullcontext()) as metrics:
+    curve_steps = curve_at(steps, cfg.curve_points)
+    curve_windows = validation_windows(prepared.corpus.val, cfg.seq_len, cfg.eval_tokens or None) if curve_steps \
+        else None
+    exact_flops = model.training_flops_exact()
+    track = tracking.open_tracker(tracker if main else None, out, job, start_step)  # TensorBoard, W&B or nothing
+    with ledger, track, (open(metrics_file, "a") if main else contextlib.nullcontext()) as metrics, \
+            stop_signals(stop_on_signal) as stop:
         for step in range(start_step, steps):
             placement.before_step(step, start_step)
             torch.manual_seed(step_seed(job.seed, step))
@@ -238,9 +254,8 @@ def run_steps(job: Job, out: pathlib.Path, prepared: Prepared, placement: Placem
             if not math.isfinite(loss_value):  # every rank sees the same mean, so all stop here together
                 bar.close()
                 raise TrainingError(
-                    f"{job.method}: loss became {loss_value} at step {step} (lr {lr:.3g}); lower train.lr "
-                    f"or set train.grad_clip>0; the last good checkpoint (step {_checkpoint_step(ckpt_dir)}) "
-                    "is kept")
+                    f"{job.method}: loss became {loss_value} at step {step} (lr {lr:.3g}); "
+                    f"{nan_remedies(cfg)}; the last good checkpoint (step {_checkpoint_step(ckpt_dir)}) is kept")
             grad_norm = placement.clip(trained, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             optimizer.step()
             if main:
@@ -260,9 +275,19 @@ def run_steps(job: Job, out: pathlib.Path, prepared: Prepared, placement: Placem
                 if main:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                    track.log(record, done)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
+            if done in curve_steps:  # before the checkpoint: a resume from it recomputes nothing twice
+                point = curve_point(trained, curve_windows, cfg, device, done,
+                                    placement.totals(ledger.totals).train_flops)
+                if main:
+                    metrics.write(json.dumps(point) + "\n")
+                    metrics.flush()
+                    track.log({"val_loss": point["val_loss"]}, done)
             if done % cfg.checkpoint_every == 0 or done == steps:
                 save(done, seconds)
+            _check_train_flops(job, prepared, placement, ledger, done, steps, exact_flops)
+            _stop_if_asked(stop, done, steps, cfg, bar, save, seconds + time.time() - step_timer)
     bar.close()
     totals = placement.totals(ledger.totals)
 
@@ -278,7 +303,9 @@ def run_steps(job: Job, out: pathlib.Path, prepared: Prepared, placement: Placem
               "train_seconds": seconds, "device": str(device)}
     if compiled:
         record["compiled_blocks"] = True
-    return _record(job, out, prepared, evaluated, placement, record, downstream, started - seconds_before, progress)
+    result = _record(job, out, prepared, evaluated, placement, record, downstream, started - seconds_before, progress)
+    track.finish(result)  # the deployed numbers at the last step
+    return result
 
 
 def _record(job: Job, out: pathlib.Path, prepared: Prepared, model: torch.nn.Module, placement: Placement,
@@ -300,6 +327,9 @@ def _record(job: Job, out: pathlib.Path, prepared: Prepared, model: torch.nn.Mod
     }
     if placement.world > 1:  # how it ran; the numbers above do not depend on it
         result.update(devices=placement.world, parallel=placement.strategy)
+    curve = learning_curve(out / "metrics.jsonl")
+    if curve:
+        result["curve"] = curve
     if trained.get("compiled_blocks"):  # how the last attempt ran: train_seconds depend on it, the losses barely
         result["compiled_blocks"] = True
     if prepared.init_from:  # {"path", "loaded", "kept_own_init"}: what came from the checkpoint, what kept its own init
@@ -308,11 +338,38 @@ def _record(job: Job, out: pathlib.Path, prepared: Prepared, model: torch.nn.Mod
     result["wall_seconds"] = time.time() - since
     if downstream:  # scores of an earlier `harness eval --tasks` survive re-evaluation
         result["downstream"] = downstream
-    warning = flops_warning(result, model.adaptive)
-    if warning:
-        result["flops_warning"] = warning
+    warnings = [flops_warning(result, model.adaptive),  # inference, then training (planned: the budget's count)
+                train_flops_warning(job.method, trained["train_flops"],
+                                    trained["train_tokens"] * prepared.flops_per_token, trained["train_steps"])]
+    if any(warnings):
+        result["flops_warning"] = "; ".join(w for w in warnings if w)
     write_json_atomic(out / "result.json", result)
     return result
+
+
+def curve_at(steps: int, points: int) -> set[int]:
+    """The steps (1-based counts of steps done) at which the learning curve is measured: ``points`` evenly
+    spaced, the last step included."""
+    return {max(1, round(steps * i / points)) for i in range(1, points + 1)} if points else set()
+
+
+def curve_point(trained: torch.nn.Module, windows: torch.Tensor, cfg: TrainConfig, device: torch.device,
+                step: int, train_flops: float) -> dict[str, Any]:
+    """One point of the learning curve: the parallel validation loss after ``step`` steps (every rank runs it:
+    a sharded model's forward needs them all; the values agree)."""
+    trained.eval()
+    with compute.unrecorded():  # evaluation is not training compute: the budget's ledger must not see it
+        loss = parallel_loss(trained, windows, cfg.eval_batch_size, device, autocast_for(device, cfg.precision))
+    trained.train()
+    return {"step": step, "tokens": step * cfg.tokens_per_step, "train_flops": train_flops, "val_loss": loss}
+
+
+def learning_curve(metrics_file: pathlib.Path) -> list[dict[str, Any]]:
+    """The curve points of ``metrics.jsonl`` in step order (lines with ``val_loss``; resumed runs wrote each once)."""
+    if not metrics_file.exists():
+        return []
+    points = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip() and _is_complete(line)]
+    return sorted((p for p in points if "val_loss" in p), key=lambda p: p["step"])
 
 
 def _accumulate(job: Job, tokens, step: int, rows: slice | None, trained: torch.nn.Module, device: torch.device,
@@ -354,6 +411,89 @@ def flops_warning(result: dict[str, Any], adaptive: bool) -> str | None:
     return (f"{result.get('method')}: measured inference {measured:.4g} FLOPs/token is {(ratio - 1) * 100:+.1f}% "
             f"{kind} {analytic:.4g}; analytic_flops_per_token (or decode_flops) misses work that decode does, "
             f"so compute-matched comparisons are off: run `python -m harness check {result.get('method')}`")
+
+
+FLOPS_CHECK_STEPS = 3  # the early training-FLOPs check runs after this many steps (the count is exact per step)
+
+
+def train_flops_warning(method: str, measured: float, planned: float, steps: int) -> str | None:
+    """A one-line warning when the ledger's training FLOPs after ``steps`` steps are more than 2% off the planned
+    ones (tokens x ``train_flops_per_token``, what sized the job to its budget)."""
+    if not measured or not planned or abs(measured / planned - 1) <= FLOPS_TOLERANCE:
+        return None
+    return (f"{method}: measured training {measured:.4g} FLOPs after {steps} step(s) is "
+            f"{(measured / planned - 1) * 100:+.1f}% off the planned {planned:.4g}, so the job trains past or short "
+            "of its budget: analytic_flops_per_token(training=True) (or train_flops_per_token) misses work that "
+            f"forward does: run `python -m harness check {method}`")
+
+
+def nan_remedies(cfg: TrainConfig) -> str:
+    """What to change after a non-finite loss, among the settings that can still change."""
+    remedies = [f"lower train.lr (now {cfg.lr:g})"]
+    if cfg.grad_clip <= 0:
+        remedies.append("set train.grad_clip>0 (clipping is off)")
+    if cfg.precision == "bf16":
+        remedies.append("set train.precision=fp32")
+    if cfg.warmup_fraction < 0.05:
+        remedies.append(f"raise train.warmup_fraction (now {cfg.warmup_fraction:g})")
+    return " or ".join(remedies)
+
+
+def _check_train_flops(job: Job, prepared: Prepared, placement: Placement, ledger: compute.ComputeLedger, done: int,
+                       steps: int, exact: bool) -> None:
+    """The early check of the ledger's training FLOPs against the plan, after FLOPS_CHECK_STEPS steps, for a
+    method whose count is exact per step (an expectation, such as sampled passes, is checked at the end only).
+    Every rank calls it: totals() reduces over them."""
+    if not exact or done != min(steps, FLOPS_CHECK_STEPS):
+        return
+    planned = done * job.train.tokens_per_step * prepared.flops_per_token
+    warning = train_flops_warning(job.method, placement.totals(ledger.totals).train_flops, planned, done)
+    if warning and placement.rank == 0:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+
+def _stop_if_asked(request: _StopRequest, done: int, steps: int, cfg: TrainConfig, bar, save,
+                   seconds: float) -> None:
+    """After step ``done``, if SIGINT/SIGTERM arrived during it: ``save(done, seconds)`` (unless the step
+    wrote its checkpoint), then KeyboardInterrupt (``harness train`` exits 130 with its message)."""
+    if request.signal is None:
+        return
+    if not (done % cfg.checkpoint_every == 0 or done == steps):
+        save(done, seconds)
+    bar.close()
+    raise KeyboardInterrupt(f"stopped by {request.signal} after step {done} of {steps}, checkpoint written; run the "
+                            "same command again to resume")
+
+
+class _StopRequest:
+    """Which signal asked the step loop to stop (None while none has)."""
+
+    signal: str | None = None
+
+
+@contextlib.contextmanager
+def stop_signals(enabled: bool):
+    """While the block runs, SIGINT and SIGTERM only set ``.signal`` of the yielded request (the step loop
+    then checkpoints at the end of its step and stops); a second one stops at once. Only in the main thread
+    (where Python delivers signals) and only when ``enabled``: elsewhere the request never fires."""
+    request = _StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum, frame):
+        if request.signal is not None:
+            raise KeyboardInterrupt(f"stopped by a second {signal.Signals(signum).name} before the checkpoint")
+        request.signal = signal.Signals(signum).name
+        print(f"{request.signal}: stopping after this step, once its checkpoint is written (again to stop now)",
+              file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def _job_differences(previous: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

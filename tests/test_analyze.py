@@ -114,16 +114,16 @@ def test_known_positive_negative_and_null_correlations(tmp_path):
 
 
 def test_constant_steps_are_reported_not_nan(tmp_path, capsys):
-    token, nll, _ = zipf_records(n=3000)
-    folder = write_records(tmp_path / "vanilla", token, nll, np.zeros(len(token)))
+    token, nll, _ = zipf_records(n=3000)  # every token at K=3: a PonderLM-3 that pruned nothing
+    folder = write_records(tmp_path / "unpruned", token, nll, np.full(len(token), 3))
     assert main(["analyze", str(folder), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     for key in ("spearman_steps_nll", "spearman_steps_frequency"):
         assert summary[key]["rho"] is None and summary[key]["pvalue"] is None
-        assert "same value (0)" in summary[key]["reason"]
+        assert "same value (3)" in summary[key]["reason"]
     assert summary["rare_vs_frequent"]["pvalue"] is None
     assert "constant" in summary["rare_vs_frequent"]["reason"]
-    assert summary["step_histogram"] == {"0": 3000}
+    assert summary["step_histogram"] == {"3": 3000}
     assert "NaN" not in (folder / SUMMARY_FILE).read_text()
     assert (folder / PLOT_FILE).read_bytes()[:8] == PNG_MAGIC
 

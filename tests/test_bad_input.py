@@ -1,20 +1,30 @@
-"""Bad input, round 2: each defect of the issue reproduced; now one clear line and a non-zero exit (or the
-right behaviour), and no finished result lost or overwritten."""
+"""Bad input, rounds 2 and 3 (issue 24): each defect of the issue reproduced; now one clear line and a non-zero
+exit (or the right behaviour), and no finished result lost or overwritten."""
 
+import errno
 import json
 import os
 import pathlib
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
+import torch
 
 from harness import checkpoint
 from harness.cli import main
+from harness.core import registry
+from harness.core.errors import TrainingError
+from harness.core.registry import register
 from harness.data import DataConfig
 from harness.job import Job, TrainConfig
 from harness.results import ResultsStore
-from harness.train import flops_warning, train_job
+from harness.train import Placement, flops_warning, train_job
+from models.base import LanguageModel
 
 SMALL = dict(seq_len=32, batch_size=4, checkpoint_every=5, log_every=1, eval_tokens=2048)
 BUDGET = 6e9  # >= 25 steps of vanilla/pico
@@ -257,3 +267,324 @@ def test_harness_lm_eval_runs_lm_evals_own_hf_model(tmp_path, capsys):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Supported model names" not in out.stderr
     assert "|harness_arc_easy|" in out.stdout and "acc" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# Round 3 (issue 24): silent wrong inputs, a hanging Ray address, output-side tracebacks, training FLOPs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_corpus):
+    """One finished vanilla job; tests that change it work on a copy (``_copy``)."""
+    folder = tmp_path_factory.mktemp("trained") / "job"
+    train_job(_job(small_corpus), folder, progress=False)
+    return folder
+
+
+def _copy(folder: pathlib.Path, to: pathlib.Path) -> pathlib.Path:
+    shutil.copytree(folder, to)
+    return to
+
+
+def _tree(folder: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """A function making a folder read-only. As root permissions do not bind, so the refusal the kernel gives
+    every other user is given here too, at the call every harness write to a folder starts with (mkstemp)."""
+    made = []
+
+    def make(folder: pathlib.Path) -> pathlib.Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o555)
+        made.append(folder)
+        if os.access(folder, os.W_OK):
+            real = tempfile.mkstemp
+
+            def mkstemp(*args, dir=None, **kwargs):
+                if dir is not None and pathlib.Path(dir).resolve() == folder.resolve():
+                    raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+                return real(*args, dir=dir, **kwargs)
+
+            monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+        return folder
+
+    yield make
+    for folder in made:
+        folder.chmod(0o755)
+
+
+# 1. an unknown method among known ones, and --seeds 0, are refused
+
+
+def test_sweep_refuses_an_unknown_method_among_known_ones_and_zero_seeds(tmp_path, capsys):
+    out = tmp_path / "never"
+    study = tmp_path / "one.toml"
+    study.write_text('budget = 1e12\nsizes = ["pico"]\n[[arms]]\nmethod = "vanilla"\n')
+    line = _one_line_error(capsys, ["sweep", "--study", str(study), "--methods", "vanilla,nosuch", "--dry-run",
+                                    "--out", str(out)])
+    assert "unknown method 'nosuch'" in line
+    line = _one_line_error(capsys, ["sweep", "--study", str(study), "--methods", "vanilla,looped", "--dry-run",
+                                    "--out", str(out)])
+    assert "has no arm of 'looped'" in line
+    for mode in (["--study", str(study)], ["--budget", "1e12", "--methods", "vanilla"]):
+        line = _one_line_error(capsys, ["sweep", *mode, "--seeds", "0", "--dry-run", "--out", str(out)])
+        assert "--seeds 0: must be at least 1" in line
+    assert not out.exists()
+
+
+# 2. a Ray address that does not answer: bounded, one line, nothing left behind
+
+
+def test_unreachable_ray_address_fails_in_bounded_time_and_leaves_nothing(tmp_path, small_corpus, capsys,
+                                                                          monkeypatch):
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # a running instance would be joined instead of the address
+        ray.shutdown()
+    monkeypatch.setenv("HARNESS_RAY_CONNECT_TIMEOUT", "1")
+    out = tmp_path / "job"
+    started = time.time()
+    line = _one_line_error(capsys, _train_args(small_corpus, out, BUDGET, "--devices", "2", "--address",
+                                               "127.0.0.1:1"))
+    assert time.time() - started < 30
+    assert "cannot reach the Ray cluster at 127.0.0.1:1 within 1 s" in line and "HARNESS_RAY_CONNECT_TIMEOUT" in line
+    assert not out.exists()
+
+
+# 3. the output side: export, plot, claims, tasks --write
+
+
+def test_export_never_writes_into_the_job_folder(trained, tmp_path, capsys):
+    folder = _copy(trained, tmp_path / "job")
+    before = _tree(folder)
+    for out in (folder, folder / "hf"):
+        line = _one_line_error(capsys, ["export", str(folder), str(out)])
+        assert "is inside the job folder" in line
+    assert _tree(folder) == before
+
+
+def test_export_into_a_non_empty_folder_needs_force(trained, tmp_path, capsys):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    line = _one_line_error(capsys, ["export", str(trained), str(out)])
+    assert "is not empty" in line and "--force" in line
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert main(["export", str(trained), str(out), "--force"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+
+
+def test_export_to_a_read_only_folder_is_one_line(trained, tmp_path, capsys, read_only):
+    out = read_only(tmp_path / "locked")
+    line = _one_line_error(capsys, ["export", str(trained), str(out)])
+    assert f"cannot write export folder {out}" in line and "Permission denied" in line
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["plot", "claims"])
+def test_plot_and_claims_on_a_read_only_results_folder(tmp_path, capsys, read_only, command):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    _runs(folder, torn=False)
+    read_only(folder)
+    line = _one_line_error(capsys, [command, str(folder)])
+    assert f"{folder}" in line and "Permission denied" in line
+    assert ("--out DIR" if command == "plot" else "--no-write") in line
+    assert [p.name for p in folder.iterdir()] == ["runs.jsonl"]
+
+
+def test_tasks_write_onto_an_existing_file_is_one_line(tmp_path, capsys):
+    existing = tmp_path / "tasks.txt"
+    existing.write_text("keep me")
+    line = _one_line_error(capsys, ["tasks", "--write", str(existing)])
+    assert f"{existing} is a file, not a folder" in line and existing.read_text() == "keep me"
+
+
+# 4 and 5. eval: arguments first, and a folder that is not a job
+
+
+@pytest.mark.parametrize("argument", [["--limit", "0"], ["--num-fewshot", "-1"]])
+def test_eval_refuses_bad_arguments_before_any_work(trained, tmp_path, capsys, argument):
+    folder = _copy(trained, tmp_path / "job")
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    line = _one_line_error(capsys, ["eval", str(folder), "--tasks", "arc_easy", *argument, "--no-progress"])
+    assert f"{argument[0]} {argument[1]}: must be" in line
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # tokens.npz untouched
+
+
+def test_eval_on_a_folder_that_is_not_a_job(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("x")
+    line = _one_line_error(capsys, ["eval", str(tmp_path), "--no-progress"])
+    assert "is not a job folder (no job.json)" in line and "has not finished" not in line
+
+
+# 6. no command
+
+
+def test_no_command_exits_2_with_the_usage(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m harness") and "commands:" in err
+
+
+# 7. training FLOPs of a plugin whose analytic count is low
+
+
+class _Undercounted(LanguageModel):
+    """Vanilla whose training count misses 10% of the work (inference is counted right)."""
+
+    def analytic_flops_per_token(self, seq_len, training=False):
+        full = super().analytic_flops_per_token(seq_len, training)
+        return 0.9 * full if training else full
+
+
+@pytest.fixture
+def undercounted():
+    register("undercounted_for_test")(_Undercounted)
+    yield "undercounted_for_test"
+    registry._PLUGINS.pop("undercounted_for_test", None)
+
+
+def test_training_flops_off_the_plan_warn_early_record_and_mark_the_table(undercounted, tmp_path, small_corpus,
+                                                                         capsys):
+    job = Job(method=undercounted, budget=BUDGET, size="pico", data=DataConfig(source=small_corpus, vocab_size=512),
+              train=TrainConfig(**SMALL))
+    result = train_job(job, tmp_path / "job", progress=False)
+    early = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(early) == 1 and "after 3 step(s) is +11.1% off the planned" in early[0]
+    assert "harness check undercounted_for_test" in early[0]
+    assert "measured training" in result["flops_warning"] and "+11.1% off the planned" in result["flops_warning"]
+    assert "inference" not in result["flops_warning"]  # inference is counted right
+    saved = json.loads((tmp_path / "job" / "result.json").read_text())
+    assert saved["flops_warning"] == result["flops_warning"]
+    # the sweep's table marks the row
+    record = {**result, "job_id": "x", "status": "ok", "tags": {"match": "train-flops", "sweep_budget": BUDGET}}
+    (tmp_path / "runs.jsonl").write_text(json.dumps(record) + "\n")
+    assert main(["table", str(tmp_path)]) == 0
+    assert "| undercounted_for_test (FLOPs warning) |" in capsys.readouterr().out
+
+
+# 8. harness check: where a plugin crashed
+
+
+class _Crashing(LanguageModel):
+    """Vanilla whose training forward indexes past the end of a tensor."""
+
+    def forward(self, input_ids, targets):
+        return torch.zeros(1)[input_ids.shape[0]]  # the crash site the check must name
+
+
+@pytest.fixture
+def crashing():
+    register("crashing_for_test")(_Crashing)
+    yield "crashing_for_test"
+    registry._PLUGINS.pop("crashing_for_test", None)
+
+
+def test_check_names_the_crash_site_in_the_plugin_and_debug_prints_the_traceback(crashing, capsys, monkeypatch):
+    monkeypatch.delenv("HARNESS_DEBUG", raising=False)
+    assert main(["check", crashing]) == 1
+    failed = [line for line in capsys.readouterr().err.splitlines() if ": training: " in line]
+    assert len(failed) == 1 and "raised IndexError: index 2 is out of bounds" in failed[0]
+    assert f"(at {__file__}:" in failed[0] and "in forward: return torch.zeros(1)[input_ids.shape[0]]" in failed[0]
+    assert "HARNESS_DEBUG=1" in failed[0]
+    monkeypatch.setenv("HARNESS_DEBUG", "1")
+    assert main(["check", crashing]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "IndexError" in err
+
+
+# 9. SIGINT or SIGTERM: a checkpoint at the end of the step, exit 130, and the resumed run ends as if never stopped
+
+
+def test_interrupted_run_checkpoints_its_step_and_resumes_exactly(tmp_path, small_corpus, capsys, monkeypatch):
+    settings = {**SMALL, "checkpoint_every": 1000}  # no checkpoint but the one the signal writes
+    job = Job(method="vanilla", budget=BUDGET, size="pico", data=DataConfig(source=small_corpus, vocab_size=512),
+              train=TrainConfig(**settings))
+    full = train_job(job, tmp_path / "full", progress=False)
+    for name, signum, folder in (("SIGINT", signal.SIGINT, tmp_path / "int"), ("SIGTERM", signal.SIGTERM,
+                                                                                 tmp_path / "term")):
+        def before_step(self, step, start_step, signum=signum):
+            if step == 7 and start_step == 0:  # arrives in the middle of step 8 (7 steps done)
+                os.kill(os.getpid(), signum)
+
+        monkeypatch.setattr(Placement, "before_step", before_step)
+        argv = ["train", "--method", "vanilla", "--size", "pico", "--budget", str(BUDGET), "--out", str(folder),
+                "--no-progress", "--set", f"data.source={small_corpus}", "--set", "data.vocab_size=512",
+                *(a for k, v in settings.items() for a in ("--set", f"train.{k}={v}"))]
+        assert main(argv) == 130
+        err = capsys.readouterr().err
+        assert f"interrupted: stopped by {name} after step 8 of {full['train_steps']}, checkpoint written" in err
+        assert checkpoint.load_state(folder / "checkpoint")["step"] == 8 and not (folder / "result.json").exists()
+        assert main(argv) == 0
+        resumed = json.loads((folder / "result.json").read_text())
+        for key in ("val_loss", "train_flops", "train_steps", "infer_flops_per_token"):
+            assert resumed[key] == full[key], key
+        losses = [(r["step"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, (folder / "metrics.jsonl")
+                                                                           .read_text().splitlines())]
+        assert losses == [(r["step"], r.get("loss"), r.get("val_loss")) for r in
+                          map(json.loads, (tmp_path / "full" / "metrics.jsonl").read_text().splitlines())]
+
+
+# 10. a NaN loss suggests only what applies
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_nan_loss_suggests_only_what_applies(tmp_path, small_corpus, monkeypatch, grad_clip):
+    import harness.train as train_module
+
+    real = train_module._accumulate
+
+    def accumulate(job, tokens, step, *args):
+        loss, lm_loss, stats = real(job, tokens, step, *args)
+        return (float("nan") if step == 2 else loss), lm_loss, stats
+
+    monkeypatch.setattr(train_module, "_accumulate", accumulate)
+    job = Job(method="vanilla", budget=BUDGET, size="pico", data=DataConfig(source=small_corpus, vocab_size=512),
+              train=TrainConfig(**SMALL, grad_clip=grad_clip))
+    with pytest.raises(TrainingError) as raised:
+        train_job(job, tmp_path / "job", progress=False)
+    message = str(raised.value)
+    assert "loss became nan at step 2" in message and "lower train.lr (now 0.003)" in message
+    assert ("grad_clip" in message) == (grad_clip == 0)
+
+
+# 11. negative seeds
+
+
+def test_negative_seed_is_refused(tmp_path, small_corpus, capsys):
+    out = tmp_path / "job"
+    line = _one_line_error(capsys, _train_args(small_corpus, out, BUDGET, "--seed", "-1"))
+    assert "--seed -1: must be 0 or more" in line
+    assert not out.exists()
+
+
+# 12. analyze: nothing to analyse without extra steps
+
+
+def test_analyze_without_extra_steps_says_so_and_writes_nothing(trained, tmp_path, capsys):
+    folder = _copy(trained, tmp_path / "job")
+    before = _tree(folder)
+    line = _one_line_error(capsys, ["analyze", str(folder)])
+    assert "nothing to analyse" in line and "took 0 extra steps" in line and "vanilla job" in line
+    assert _tree(folder) == before
+    _one_line_error(capsys, ["analyze", str(folder), "--out", str(tmp_path / "analysis")])
+    assert not (tmp_path / "analysis").exists()
+
+
+# 13. the documentation says which vocabulary applies where, where the main job writes, how long tests take
+
+
+def test_docs_state_the_vocabularies_the_main_jobs_folder_and_the_test_time():
+    from harness.core.config import CPU_VOCAB_SIZE, ModelConfig
+
+    root = pathlib.Path(__file__).parents[1]
+    readme, design = (root / "README.md").read_text(), (root / "docs" / "design.md").read_text()
+    assert (CPU_VOCAB_SIZE, ModelConfig.vocab_size) == (2048, 8192)
+    assert "vocabulary 8192 on the CPU rungs" not in design
+    for text in (readme, design):
+        assert "CPU_VOCAB_SIZE" in text and "2048" in text and "8192" in text
+    assert "results/study_quick/" in readme and "results/study_quick/" in (root / ".gitignore").read_text()
+    assert "test suite takes" in readme

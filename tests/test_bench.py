@@ -23,7 +23,7 @@ from harness.bench import (
 )
 from harness.cli import main
 from harness.core import registry
-from harness.core.config import ConfigError
+from harness.core.config import SIZES, ConfigError
 from harness.data import DataConfig, load_corpus
 
 SECTION_KEYS = ("train_throughput", "decode_cache", "pruned_decode", "jacobi_training", "utilization", "targets")
@@ -135,10 +135,11 @@ def test_gpu_rows_run_their_machinery_on_any_device():
     for row in out["rows"]:
         assert row["tokens_per_s"] > 0 and row["mfu"] == pytest.approx(
             row["train_flops_per_token"] * row["tokens_per_s"] / out["peak_matmul"]["flops_per_s"])
-    assert vanilla["sdpa_kernels"] == {"flash_attention_for_cpu": 5}  # one call per layer of pico
-    # PonderLM-3 at K=3: 3 init passes, J in {2, 3} Jacobi passes and the final pass, 5 layers each
+    layers = SIZES["pico"].n_layers
+    assert vanilla["sdpa_kernels"] == {"flash_attention_for_cpu": layers}  # one call per layer of pico
+    # PonderLM-3 at K=3: 3 init passes, J in {2, 3} Jacobi passes and the final pass, pico's layers each
     assert list(p3["sdpa_kernels"]) == ["flash_attention_for_cpu"]
-    assert p3["sdpa_kernels"]["flash_attention_for_cpu"] in (5 * 6, 5 * 7)
+    assert p3["sdpa_kernels"]["flash_attention_for_cpu"] in (layers * 6, layers * 7)
 
 
 def test_generators_agree_token_for_token(small_data):

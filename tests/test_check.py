@@ -125,7 +125,10 @@ def test_train_warns_when_measured_flops_exceed_the_analytic_count(leaky, tmp_pa
             "--no-progress", "--set", f"data.source={small_corpus}", "--set", "data.vocab_size=512", *train]
     assert main(argv) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert len(err) == 1 and "+100.0% off its analytic count" in err[0] and "harness check leaky_for_test" in err[0]
+    # its training count is halved too: warned after the first steps, then both in the final warning
+    assert len(err) == 2 and "measured training" in err[0] and "after 3 step(s) is +100.0% off" in err[0]
+    assert "+100.0% off its analytic count" in err[1] and "harness check leaky_for_test" in err[1]
+    assert "measured training" in err[1]
     saved = (tmp_path / "j" / "result.json").read_text()
     assert '"flops_warning": "leaky_for_test: measured inference' in saved
 

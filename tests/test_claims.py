@@ -1,4 +1,6 @@
-"""The claims logic (harness/claims.py) on synthetic runs: every verdict of every claim is reachable."""
+"""The claims logic (harness/claims.py) on synthetic runs: every verdict of every claim and precondition is
+reachable, comparisons are paired by seed, fewer than 3 seeds is only indicative, and a failed premise makes
+a claim "not testable in this regime"."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import sys
 import pytest
 
 from harness import claims
-from harness.claims import CONTRADICTED, INCONCLUSIVE, NOT_TESTABLE, SUPPORTED
+from harness.claims import NOT_IN_REGIME, NOT_TESTABLE
+from harness.stats import CONTRADICTED, INCONCLUSIVE, INDICATIVE, SUPPORTED
 
 
 def run(method, loss, flops, seed=0, size="micro", variant="", **extra):
@@ -32,14 +35,101 @@ def p2(losses=(4.000, 4.002, 3.998), flops=10e6):
     return seeds("ponderlm2", losses, flops, k=3, variant="K=3")
 
 
-# -- the spread rule ------------------------------------------------------------------------------
+# -- pairing and the seed rule ----------------------------------------------------------------------
 
 
-def test_below_needs_one_std_of_room_on_each_side():
-    assert claims.below(1.0, 0.1, 2.0, 0.1) == SUPPORTED
-    assert claims.below(2.0, 0.1, 1.0, 0.1) == CONTRADICTED
-    assert claims.below(1.0, 0.6, 2.0, 0.6) == INCONCLUSIVE
-    assert claims.below(1.0, 0.0, 0.995, 0.0, margin=0.01) == SUPPORTED  # the margin moves the bar
+def test_comparisons_pair_by_seed():
+    # seed 1 is the worst seed of both arms: the unpaired spreads overlap, the paired difference does not
+    a = seeds("ponderlm3", (5.05, 5.40, 5.10), 2e6, k=3)
+    b = seeds("ponderlm2", (5.09, 5.46, 5.15), 3e6, k=3)
+    arm_a, arm_b = claims.arms_of(a + b)
+    comparison = claims.compare(arm_a, arm_b)
+    assert comparison.interval.n == 3
+    assert comparison.interval.mean == pytest.approx(-0.05)
+    assert comparison.verdict == SUPPORTED
+
+
+def test_unpaired_seeds_are_left_out():
+    a = seeds("ponderlm3", (4.0, 4.1, 4.2, 9.9), 2e6, k=3)  # seed 3 has no partner
+    b = seeds("ponderlm2", (4.1, 4.2, 4.3), 3e6, k=3)
+    comparison = claims.compare(*claims.arms_of(a + b))
+    assert comparison.interval.n == 3 and comparison.interval.mean == pytest.approx(-0.1)
+
+
+def test_fewer_than_three_seeds_is_indicative_however_clear():
+    records = p2((4.0, 4.0)) + seeds("ponderlm3", (3.0, 3.0), 8e6, k=3, variant="a")
+    v = claims.claim_c1(claims.arms_of(records))
+    assert v.verdict == INDICATIVE and v.display() == "indicative (2 seeds)"
+
+
+def test_window_bootstrap_is_reported_beside_the_seed_interval():
+    windows = [[4.0, 4.2, 3.8, 4.1]] * 3
+    a = seeds("vanilla", (4.0, 4.1, 4.2), 1e6, size="nano", val_window_loss=windows[0])
+    b = seeds("vanilla", (4.1, 4.2, 4.3), 1e6, size="pico", val_window_loss=[w + 0.1 for w in windows[0]])
+    comparison = claims.compare(*claims.arms_of(a + b))
+    low, high = comparison.windows
+    assert low == pytest.approx(-0.1) and high == pytest.approx(-0.1)
+    assert "[-0.1000, -0.1000]" in comparison.row()
+
+
+# -- preconditions --------------------------------------------------------------------------------
+
+
+def ladder(pico, nano, micro=None):
+    records = seeds("vanilla", pico, 1e6, size="pico") + seeds("vanilla", nano, 2e6, size="nano")
+    return records + (seeds("vanilla", micro, 4e6, size="micro") if micro else [])
+
+
+@pytest.mark.parametrize("nano, expected", [
+    ((3.90, 3.91, 3.89), SUPPORTED),       # the deeper rung is better every seed
+    ((4.10, 4.11, 4.09), CONTRADICTED),
+    ((3.95, 4.05, 4.00), INCONCLUSIVE),
+])
+def test_p1_dense_frontier(nano, expected):
+    assert claims.precondition_p1(claims.arms_of(ladder((4.0, 4.01, 3.99), nano))).verdict == expected
+
+
+def test_p2_and_p3():
+    records = seeds("vanilla", (4.0, 4.01, 3.99), 1e6, size="pico") + \
+        seeds("ponderlm2", (3.9, 3.91, 3.89), 2e6, k=1, size="pico", variant="K=1") + \
+        seeds("ponderlm2", (3.95, 3.96, 3.94), 4e6, k=3, size="pico", variant="K=3")
+    arms = claims.arms_of(records)
+    assert claims.precondition_p2(arms).verdict == SUPPORTED
+    assert claims.precondition_p3(arms).verdict == CONTRADICTED  # K=3 behind K=1
+    assert claims.precondition_p3(claims.arms_of(records[:3])).verdict == NOT_TESTABLE
+
+
+def test_a_failed_precondition_makes_the_claim_not_testable_in_this_regime():
+    # PonderLM-3 well within 1% of PonderLM-2 at 80% of its FLOPs, but PonderLM-2 loses to vanilla (P2 fails)
+    records = seeds("vanilla", (3.5, 3.51, 3.49), 1e6, size="micro") + p2() + \
+        seeds("ponderlm3", (4.000, 4.002, 3.998), 8e6, k=3, variant="lambda=1")
+    arms = claims.arms_of(records)
+    assert claims.claim_c1(arms).verdict == SUPPORTED  # the comparison alone
+    preconditions = claims.evaluate_preconditions(arms)
+    assert {p.claim: p.verdict for p in preconditions}["P2"] == CONTRADICTED
+    c1 = next(v for v in claims.evaluate_claims(arms, preconditions) if v.claim == "C1")
+    assert c1.verdict == NOT_IN_REGIME
+    assert "Premise P2 failed" in "\n".join(c1.evidence)
+
+
+def test_an_unsettled_precondition_keeps_the_claim_from_a_verdict():
+    records = seeds("vanilla", (3.99, 4.01, 4.00), 1e6, size="micro") + p2() + \
+        seeds("ponderlm3", (4.000, 4.002, 3.998), 8e6, k=3, variant="lambda=1")
+    c1 = next(v for v in claims.evaluate_claims(claims.arms_of(records)) if v.claim == "C1")
+    assert c1.verdict.startswith(INCONCLUSIVE) and "P2" in c1.verdict
+
+
+# -- C0 -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p2_losses, expected", [
+    ((3.80, 3.81, 3.79), SUPPORTED),      # pondering at pico beats vanilla at nano
+    ((4.00, 4.01, 3.99), CONTRADICTED),
+])
+def test_c0_pondering_against_vanilla_one_rung_up(p2_losses, expected):
+    records = ladder((4.0, 4.01, 3.99), (3.90, 3.91, 3.89)) + \
+        seeds("ponderlm2", p2_losses, 2e6, k=1, size="pico", variant="K=1")
+    assert claims.claim_c0(claims.arms_of(records)).verdict == expected
 
 
 # -- C1 -------------------------------------------------------------------------------------------
@@ -49,7 +139,7 @@ def test_below_needs_one_std_of_room_on_each_side():
     ((4.000, 4.002, 3.998), 8e6, SUPPORTED),        # same loss, 80% of the FLOPs
     ((4.30, 4.31, 4.29), 8e6, CONTRADICTED),        # far worse loss
     ((4.00, 4.01, 3.99), 9.8e6, CONTRADICTED),      # no FLOPs saving
-    ((4.00, 4.10, 3.90), 8e6, INCONCLUSIVE),        # seed spread straddles the 1% bar
+    ((4.00, 4.10, 3.90), 8e6, INCONCLUSIVE),        # the paired interval straddles the 1% bar
 ])
 def test_c1_verdicts(p3_losses, p3_flops, expected):
     records = p2() + seeds("ponderlm3", p3_losses, p3_flops, k=3, variant="lambda=1")
@@ -70,9 +160,14 @@ def test_c1_without_ponderlm2_at_k3_is_not_testable():
     (3.5, 12e6, INCONCLUSIVE),   # better but costlier: they never meet at equal FLOPs
 ])
 def test_c2_verdicts(base_loss, base_flops, expected):
-    records = seeds("ponderlm3", (4.0, 4.01), 8e6, k=3, variant="a") + \
-        seeds("looped", (base_loss, base_loss + 0.01), base_flops)
+    records = seeds("ponderlm3", (4.0, 4.01, 4.02), 8e6, k=3, variant="a") + \
+        seeds("looped", (base_loss, base_loss + 0.01, base_loss + 0.02), base_flops)
     assert verdict(claims.claim_c2, records) == expected
+
+
+def test_c2_with_a_one_seed_baseline_is_indicative():
+    records = seeds("ponderlm3", (4.0, 4.01, 4.02), 8e6, k=3, variant="a") + seeds("looped", (4.5,), 9e6)
+    assert verdict(claims.claim_c2, records) == INDICATIVE
 
 
 def test_c2_needs_a_baseline():
@@ -88,9 +183,10 @@ def analysed(rho, rare, frequent, seed=0):
 
 
 @pytest.mark.parametrize("rows, expected", [
-    ([(0.30, 2.0, 1.0), (0.25, 1.8, 1.1)], SUPPORTED),
-    ([(-0.30, 1.0, 2.0), (-0.25, 1.1, 1.8)], CONTRADICTED),
-    ([(0.30, 2.0, 1.0), (-0.25, 1.1, 1.8)], INCONCLUSIVE),
+    ([(0.30, 2.0, 1.0), (0.25, 1.8, 1.1), (0.28, 1.9, 1.0)], SUPPORTED),
+    ([(-0.30, 1.0, 2.0), (-0.25, 1.1, 1.8), (-0.28, 1.0, 1.9)], CONTRADICTED),
+    ([(0.30, 2.0, 1.0), (-0.25, 1.1, 1.8), (0.01, 1.5, 1.5)], INCONCLUSIVE),
+    ([(0.30, 2.0, 1.0), (0.25, 1.8, 1.1)], INDICATIVE),
     ([(None, None, None)], INCONCLUSIVE),  # constant steps: nothing to correlate
 ])
 def test_c3_verdicts(rows, expected):
@@ -105,30 +201,38 @@ def test_c3_without_ponderlm3_is_not_testable():
 # -- C4 -------------------------------------------------------------------------------------------
 
 
-def ablation(losses):
-    return [r for method, loss in zip(claims.C4_ORDER, losses) for r in seeds(method, (loss, loss + 0.01), 1e6)]
+def ablation(losses, noise=(0.0, 0.01, 0.02)):
+    return [r for method, loss in zip(claims.C4_ORDER, losses)
+            for r in seeds(method, tuple(loss + n for n in noise), 1e6)]
 
 
 @pytest.mark.parametrize("losses, expected", [
     ((3.0, 3.2, 3.4, 3.6), SUPPORTED),
     ((3.0, 3.4, 3.2, 3.6), CONTRADICTED),   # pause beats looped
-    ((3.0, 3.001, 3.4, 3.6), INCONCLUSIVE),  # pondering and looped within their spread
 ])
 def test_c4_verdicts(losses, expected):
     assert verdict(claims.claim_c4, ablation(losses)) == expected
 
 
+def test_c4_within_the_seed_noise_is_inconclusive():
+    records = ablation((3.0, 3.2, 3.4, 3.6))
+    for r, shift in zip((r for r in records if r["method"] == "looped"), (-0.25, 0.1, 0.0)):
+        r["val_loss"] = 3.0 + shift  # looped straddles pondering
+    assert verdict(claims.claim_c4, records) == INCONCLUSIVE
+
+
 def test_c4_needs_all_four_methods():
-    assert verdict(claims.claim_c4, ablation((3.0, 3.2, 3.4, 3.6))[:-2]) == NOT_TESTABLE
+    assert verdict(claims.claim_c4, ablation((3.0, 3.2, 3.4, 3.6))[:-3]) == NOT_TESTABLE
 
 
 # -- C5 -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("gaps, expected", [
-    ((0.001, -0.002), SUPPORTED),
-    ((0.4, 0.5), CONTRADICTED),
-    ((0.001, 0.1), INCONCLUSIVE),
+    ((0.001, -0.002, 0.0015), SUPPORTED),
+    ((0.4, 0.5, 0.45), CONTRADICTED),
+    ((0.001, 0.1, 0.3), INCONCLUSIVE),
+    ((0.001, -0.002), INDICATIVE),
 ])
 def test_c5_verdicts(gaps, expected):
     records = [run("ponderlm2", 4.0, 1e7, seed=i, k=3, jacobi_gap=g) for i, g in enumerate(gaps)]
@@ -137,6 +241,27 @@ def test_c5_verdicts(gaps, expected):
 
 def test_c5_without_ponderlm_runs_is_not_testable():
     assert verdict(claims.claim_c5, seeds("vanilla", (4.0,), 1e6)) == NOT_TESTABLE
+
+
+# -- learning curves ------------------------------------------------------------------------------
+
+
+def curve(losses):
+    return [{"step": 10 * (i + 1), "tokens": 1000 * (i + 1), "train_flops": 1e9 * (i + 1), "val_loss": x}
+            for i, x in enumerate(losses)]
+
+
+def test_curve_comparison_pairs_each_point_by_seed():
+    a = [run("ponderlm2", 3.8, 2e6, seed=s, k=1, size="pico", variant="K=1",
+             curve=curve((5.0 + s, 4.5 + s, 3.8 + s))) for s in range(3)]
+    b = [run("vanilla", 3.9, 1e6, seed=s, size="pico", curve=curve((5.0 + s, 4.45 + s, 3.9 + s))) for s in range(3)]
+    arms = claims.arms_of(a + b)
+    points = claims.curve_comparison(arms[0], arms[1])
+    assert [t for t, _ in points] == [1000, 2000, 3000]
+    assert [round(iv.mean, 6) for _, iv in points] == [0.0, 0.05, -0.1]
+    assert all(iv.n == 3 for _, iv in points)
+    lines = claims.curve_lines(arms)
+    assert len(lines) == 1 and lines[0].startswith("- P2, ponderlm2 [K=1] @pico − vanilla @pico (n=3)")
 
 
 # -- the report and the command -------------------------------------------------------------------
@@ -150,10 +275,20 @@ def test_claims_command_writes_a_report_with_a_verdict_per_claim(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     text = (tmp_path / "claims.md").read_text()
-    for claim in ("C1", "C2", "C3", "C4", "C5"):
+    for claim in ("C0", "C1", "C2", "C3", "C4", "C5"):
         assert f"| {claim} | **" in text
-    assert "| C1 | **supported** |" in text
-    assert "1.500 ± 0.000 extra steps of K=3" in text
+    for precondition in ("P1", "P2", "P3"):
+        assert f"| {precondition} (precondition) | **" in text
+    # P2 has no vanilla to beat here: C1's premise is not established, so the comparison cannot decide
+    assert "| C1 | **inconclusive (premise P2 not established)** | 3 |" in text
+    assert "1.500 [1.500, 1.500], n=3 extra steps of K=3" in text
+    assert not text.startswith(claims.PIPELINE_CHECK_LINE)
+
+
+def test_a_pipeline_check_study_says_so_first(tmp_path):
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in p2()))
+    (tmp_path / "study.toml").write_text('pipeline_check = true\n[[arms]]\nmethod = "ponderlm2"\n')
+    assert claims.report(tmp_path).startswith(claims.PIPELINE_CHECK_LINE)
 
 
 def test_claims_on_a_folder_without_runs_is_one_line(tmp_path):

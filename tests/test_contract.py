@@ -101,9 +101,11 @@ def test_every_check_is_run_here():
 @pytest.mark.parametrize("name", method_names())
 def test_trains_and_evaluates_through_the_harness(name, tmp_path, small_corpus):
     train = TrainConfig(seq_len=32, batch_size=4, eval_tokens=512, checkpoint_every=1000, lr=1e-2)
-    probe = registry.build(name, size="pico", overrides={"vocab_size": 512})
+    # the depth the method declares for tests (MoR's Middle-Cycle needs (n_layers - 2) / R whole)
+    depth = {k: v for k, v in registry.get(name).cls.test_base.items() if k == "n_layers"}
+    probe = registry.build(name, size="pico", overrides={"vocab_size": 512, **depth})
     budget = 30 * train.batch_size * train.seq_len * probe.train_flops_per_token(train.seq_len)
-    job = Job(method=name, budget=budget, size="pico",
+    job = Job(method=name, budget=budget, size="pico", model=depth,
               data=DataConfig(source=small_corpus, vocab_size=512), train=train)
     result = train_job(job, tmp_path / name, progress=False)
     assert result["train_steps"] == 30

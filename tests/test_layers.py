@@ -48,6 +48,8 @@ LAYERS: dict[str, float] = {
     "harness.lmeval.tasks": 5.1,
     "harness.lmeval.model": 5.2,
     "harness.lmeval.runner": 5.3,
+    # 5.5: training logs for a tracking tool (TensorBoard, W&B offline), called by the trainer only
+    "harness.tracking": 5.5,
     # 6: training
     "harness.train": 6,
     # 6.5: one job on several devices (Ray Train, DDP/FSDP): the step loop of train.py on every rank
@@ -56,9 +58,10 @@ LAYERS: dict[str, float] = {
     "harness.plan.*": 7,
     "harness.results": 7,
     "harness.analyze": 7,
+    "harness.stats": 7,  # paired statistics (numpy, scipy): under claims and the report, written once
     "harness.check": 7,  # the plugin contract's checks (python -m harness check), shipped for plugin authors
     # 8: reports, the benchmark, claims (studies are plans: harness.plan.study)
-    "harness.report": 8,
+    "harness.report.*": 8,  # the package harness/report/ (runs, tables, plots, html, style)
     "harness.bench.*": 8,  # the package harness/bench/
     "harness.claims": 8,
     # 9: the sweep driver

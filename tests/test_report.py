@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -106,8 +107,9 @@ def test_latex_and_csv_mark_the_best(runs_dir):
 def test_plots_and_tables_are_written_from_runs_jsonl_alone(runs_dir):
     paths = report.write_reports(runs_dir)
     names = {p.name for p in paths}
-    # changed by design: claims.md (harness.claims) and, as some runs report bits per byte, its Pareto plot
-    assert names == {report.PARETO_PNG, report.TRAIN_PNG, report.BPB_PNG, *report.TABLE_FILES.values(), CLAIMS_FILE}
+    # changed by design: claims.md (harness.claims), as some runs report bits per byte its Pareto plot, and the page
+    assert names == {report.PARETO_PNG, report.TRAIN_PNG, report.BPB_PNG, *report.TABLE_FILES.values(), CLAIMS_FILE,
+                     report.REPORT_HTML}
     for name in (report.PARETO_PNG, report.TRAIN_PNG, report.BPB_PNG):
         data = (runs_dir / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 20_000
@@ -141,7 +143,7 @@ def test_only_failed_jobs_is_a_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# several seeds per arm: mean ± std, bits per byte, error bars, frontiers through the means
+# several seeds per arm: mean ± 95% half-width, bits per byte, error bars, frontiers through the means
 
 PPL = {("vanilla", "pico"): [50.0, 52.0, 57.0], ("ponderlm3", "pico"): [40.0, 41.0, 48.0],
        ("ponderlm3", "nano"): [30.0, 50.0, 55.0]}
@@ -163,8 +165,11 @@ def seeds_dir(tmp_path):
     return tmp_path
 
 
+T95_3 = 4.302653 / math.sqrt(3)  # t(0.975, 2) / sqrt(3): the 95% half-width of a 3-seed mean is T95_3 x sd
+
+
 def _pm(values, digits):
-    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {T95_3 * statistics.stdev(values):.{digits}f}"
 
 
 def _md_rows(text):
@@ -172,40 +177,44 @@ def _md_rows(text):
             for line in text.splitlines() if line.startswith("| ") and "---" not in line}
 
 
-def test_markdown_shows_mean_std_over_seeds_bits_per_byte_and_seeds(seeds_dir):
+def test_markdown_shows_mean_and_95_half_width_over_seeds_bits_per_byte_and_seeds(seeds_dir):
     text = report.make_table(seeds_dir, "md")
     rows = _md_rows(text)
     header = rows.pop("Method/Size")
     assert header == ["Method", "Size", "Params", "Inference FLOPs/token", "Perplexity", "Bits/byte",
-                      "Mean extra steps", "Seeds"]
+                      "Δ loss vs vanilla (paired)", "Mean extra steps", "Seeds"]
     cell = {name: dict(zip(header, cells)) for name, cells in rows.items()}
-    assert cell["vanilla/pico"]["Perplexity"] == _pm(PPL["vanilla", "pico"], 2) == "53.00 ± 3.61"
-    assert cell["vanilla/pico"]["Bits/byte"] == _pm(BPB["vanilla", "pico"], 3) == "1.250 ± 0.050"
+    assert cell["vanilla/pico"]["Perplexity"] == _pm(PPL["vanilla", "pico"], 2) == "53.00 ± 8.96"
+    assert cell["vanilla/pico"]["Bits/byte"] == _pm(BPB["vanilla", "pico"], 3) == "1.250 ± 0.124"
     assert cell["vanilla/pico"]["Inference FLOPs/token"] == "**600k**"  # the same every seed: no ±, still best
     assert cell["vanilla/pico"]["Seeds"] == "3"
     # best marks the mean only; inference FLOPs of an adaptive method vary across seeds, so they get a std
-    assert cell["ponderlm3/pico"]["Perplexity"] == "**43.00** ± 4.36"
-    assert cell["ponderlm3/pico"]["Bits/byte"] == "1.100 ± 0.100"
-    assert cell["ponderlm3/pico"]["Inference FLOPs/token"] == "1.1M ± 100k"
-    assert cell["ponderlm3/nano"]["Bits/byte"] == "**1.000** ± 0.265"  # lowest mean bits per byte
+    assert cell["ponderlm3/pico"]["Perplexity"] == "**43.00** ± 10.83"
+    assert cell["ponderlm3/pico"]["Bits/byte"] == "1.100 ± 0.248"
+    assert cell["ponderlm3/pico"]["Inference FLOPs/token"] == "1.1M ± 248k"
+    assert cell["ponderlm3/nano"]["Bits/byte"] == "**1.000** ± 0.657"  # lowest mean bits per byte
+    # paired with vanilla at the same size over their common seeds (every val_loss is 0 here)
+    assert cell["ponderlm3/pico"]["Δ loss vs vanilla (paired)"] == "+0.000 ± 0.000 (n=3)"
+    assert cell["ponderlm3/nano"]["Δ loss vs vanilla (paired)"] == "+0.000 (n=1)"  # one common seed: no ±
     # one seed: no std; no val_bits_per_byte in the record: "–"
     assert cell["vanilla/nano"]["Perplexity"] == "45.00" and cell["vanilla/nano"]["Bits/byte"] == "–"
     assert cell["vanilla/nano"]["Seeds"] == "1"
-    assert "Mean ± standard deviation over seeds" in text
+    assert "Mean ± half-width of its 95% Student-t interval over seeds" in text
 
 
-def test_latex_and_csv_show_std_over_seeds(seeds_dir):
+def test_latex_and_csv_show_95_half_widths_over_seeds(seeds_dir):
     latex = report.make_table(seeds_dir, "latex")
-    assert r"\textbf{43.00} $\pm$ 4.36" in latex and r"53.00 $\pm$ 3.61" in latex and "± " not in latex
-    assert r"1.1M $\pm$ 100k" in latex and "Bits/byte" in latex
+    assert r"\textbf{43.00} $\pm$ 10.83" in latex and r"53.00 $\pm$ 8.96" in latex and "± " not in latex
+    assert r"1.1M $\pm$ 248k" in latex and "Bits/byte" in latex
     rows = {(r["method"], r["size"]): r for r in csv.DictReader(io.StringIO(report.make_table(seeds_dir, "csv")))}
     vanilla, ponder, old = rows["vanilla", "pico"], rows["ponderlm3", "pico"], rows["vanilla", "nano"]
     assert float(vanilla["val_ppl"]) == pytest.approx(53.0)
-    assert float(vanilla["val_ppl_std"]) == pytest.approx(statistics.stdev(PPL["vanilla", "pico"]), rel=1e-5)
+    assert float(vanilla["val_ppl_ci95"]) == pytest.approx(T95_3 * statistics.stdev(PPL["vanilla", "pico"]), rel=1e-5)
     assert float(vanilla["val_bits_per_byte"]) == pytest.approx(1.25)
-    assert float(vanilla["val_bits_per_byte_std"]) == pytest.approx(0.05, rel=1e-5)
-    assert float(ponder["infer_flops_per_token_std"]) == pytest.approx(1e5, rel=1e-5)
-    assert old["val_ppl_std"] == "" and old["val_bits_per_byte"] == "" and old["seeds"] == "1"
+    assert float(vanilla["val_bits_per_byte_ci95"]) == pytest.approx(T95_3 * 0.05, rel=1e-5)
+    assert float(ponder["infer_flops_per_token_ci95"]) == pytest.approx(T95_3 * 1e5, rel=1e-5)
+    assert float(ponder["delta_loss_vs_vanilla"]) == 0.0 and ponder["delta_loss_vs_vanilla_n"] == "3"
+    assert old["val_ppl_ci95"] == "" and old["val_bits_per_byte"] == "" and old["seeds"] == "1"
     assert "val_ppl" in ponder["best"].split(";") and "val_bits_per_byte" in rows["ponderlm3", "nano"]["best"]
 
 
@@ -215,8 +224,8 @@ def test_frontier_goes_through_the_means(seeds_dir):
     assert len(points) == 4  # one per (method, variant, size), not one per seed
     ponder = points[(points["method"] == "ponderlm3") & (points["size"] == "pico")].iloc[0]
     assert ponder["y"] == pytest.approx(43.0) and ponder["x"] == pytest.approx(1.1e6)
-    assert ponder["yerr"] == pytest.approx(statistics.stdev(PPL["ponderlm3", "pico"]))
-    assert ponder["xerr"] == pytest.approx(1e5)
+    assert ponder["yerr"] == pytest.approx(T95_3 * statistics.stdev(PPL["ponderlm3", "pico"]))
+    assert ponder["xerr"] == pytest.approx(T95_3 * 1e5)
     vanilla = points[(points["method"] == "vanilla") & (points["size"] == "pico")].iloc[0]
     assert vanilla["xerr"] == 0 and vanilla["yerr"] > 0  # FLOPs equal every seed: no x bar
     fronts = report.method_frontiers(points)
@@ -237,8 +246,8 @@ def test_figures_draw_error_bars_and_frontiers_of_means(seeds_dir):
         bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
         assert len(bars) == 3  # the three arms with three seeds; the single-seed one has none
         y_spans = sorted(tuple(sorted(seg[:, 1])) for c in bars if c.has_yerr for seg in c.lines[2][-1].get_segments())
-        std = statistics.stdev(PPL["ponderlm3", "pico"])
-        assert any(lo == pytest.approx(43.0 - std) and hi == pytest.approx(43.0 + std) for lo, hi in y_spans)
+        half = T95_3 * statistics.stdev(PPL["ponderlm3", "pico"])
+        assert any(lo == pytest.approx(43.0 - half) and hi == pytest.approx(43.0 + half) for lo, hi in y_spans)
         assert sum(c.has_xerr for c in bars) == 1  # only ponderlm3/pico's FLOPs vary across seeds
         frontier = {line.get_gid(): list(zip(line.get_xdata(), line.get_ydata())) for line in ax.lines}
         assert frontier["frontier:ponderlm3"] == [pytest.approx((1.1e6, 43.0))]

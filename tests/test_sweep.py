@@ -5,6 +5,7 @@ pico rung on a small corpus with 32-token sequences, so each job trains in a few
 """
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -425,3 +426,164 @@ def test_compile_reaches_every_job_from_the_flag_or_the_study(tmp_path, monkeypa
                                           compile_blocks=compile_blocks)
         assert record["status"] != "ok"
     assert [kwargs["compile_blocks"] for kwargs in calls] == [True, False]
+
+
+# ---------------------------------------------------------------------------------------------------
+# faults of the output folder and the progress bar (issue 24)
+
+
+def test_an_output_folder_fault_in_a_task_is_returned_as_an_outage_not_retried(tmp_path, monkeypatch):
+    import harness.sweep as sweep_module
+
+    job, root = Job(method="vanilla", budget=1e9, size="pico"), tmp_path / "store"
+    faults = [(OSError(errno.ENOSPC, "No space left on device"), True),  # a write to a file already open
+              (PermissionError(errno.EACCES, "Permission denied", str(root / "jobs" / "x" / "metrics.jsonl")), True),
+              (PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "corpus" / "a.txt")), False)]
+    for raised, outage in faults:
+        def train_job(job, folder, raised=raised, **kwargs):
+            raise raised
+
+        monkeypatch.setattr(sweep_module, "train_job", train_job)
+        if outage:  # returned: Ray would retry a raised one at once, into the same fault
+            record = sweep_module.execute_job(job.to_dict(), str(root), "token", [], 0, None, 1)
+            assert record["status"] == sweep_module.OUTAGE and raised.strerror in record["error"]
+        else:  # not the output folder's: the job's own failure, retried and recorded as before
+            with pytest.raises(PermissionError):
+                sweep_module.execute_job(job.to_dict(), str(root), "token", [], 0, None, 1)
+    assert not (root / "runs.jsonl").exists()
+
+
+def test_a_runs_file_that_cannot_be_written_is_an_outage_with_a_summary(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import harness.sweep as sweep_module
+    from harness.commands import sweep as sweep_command
+
+    (tmp_path / "runs.jsonl").mkdir()  # every read and append of it fails
+    outcome = sweep_module.SweepOutcome(plan=None)
+    record = failed_record(Job(method="vanilla", budget=1e9, size="pico"), "x")
+    bar = type("Bar", (), {"write": lambda *a, **k: None, "update": lambda *a: None})()
+    assert sweep_module._collect(record, ResultsStore(tmp_path), outcome, bar) is False
+    assert "runs.jsonl" in outcome.outage and "IsADirectoryError" in outcome.outage and outcome.ran == 0
+    # the command: one line naming it, then the summary, exit 1
+    outcome.not_run = 2
+    monkeypatch.setattr(sweep_command, "sweep", lambda request, options: outcome)
+    parser = argparse.ArgumentParser()
+    sweep_command.add_arguments(parser)
+    assert sweep_command.run(parser.parse_args(["--budget", "1e12", "--out", str(tmp_path)])) == 1
+    captured = capsys.readouterr()
+    assert [line for line in captured.err.splitlines() if line.startswith("error: the output folder failed (")]
+    assert "sweep: 0 ok, 0 failed, 0 already done, 2 not run" in captured.out
+
+
+def test_sweep_stops_launching_on_an_output_folder_outage_and_a_rerun_resumes(tmp_path, small_corpus, ray_local,
+                                                                             capsys):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "jobs").write_text("in the way")  # no job folder can be made: a lasting fault of the output folder
+    request = _request(small_corpus, ["vanilla", "looped"], 3e9, LOOPED_STEPS)
+    started = time.time()
+    outcome = sweep(request, SweepOptions(out=str(out), progress=True, retries=2))
+    assert time.time() - started < 120
+    assert outcome.outage and str(out / "jobs") in outcome.outage
+    assert (outcome.ok, outcome.failed, outcome.not_run) == (0, 0, 2)
+    assert not (out / "runs.jsonl").exists() and not (out / "table.md").exists()  # nothing recorded as failed
+    assert "the output folder failed" in capsys.readouterr().err
+    (out / "jobs").unlink()
+    again = sweep(request, SweepOptions(out=str(out), progress=False, reports=False))
+    assert (again.ok, again.failed, again.outage) == (2, 0, None)
+
+
+def test_progress_counts_live_workers_only_and_never_more_than_the_slots(tmp_path):
+    import socket
+    import types
+
+    from harness.sweep import WORKER_FILE, _running
+
+    store = ResultsStore(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pending = {}
+    for i, pid in enumerate([os.getpid(), dead.pid, os.getpid()]):  # the dead one's job waits for its retry
+        job_id = Job(method="vanilla", budget=1e9 * (i + 1), size="pico").job_id()
+        store.job_dir(job_id).mkdir(parents=True)
+        (store.job_dir(job_id) / WORKER_FILE).write_text(
+            json.dumps({"pid": pid, "host": socket.gethostname(), "token": "t"}))
+        pending[i] = types.SimpleNamespace(job_id=job_id)
+    assert _running(pending, store, "t", 4) == 2
+    assert _running(pending, store, "t", 1) == 1
+    assert _running(pending, store, "another sweep", 4) == 0
+
+
+def test_dead_gcs_restarts_ray_resumes_every_job_and_leaves_no_agents(tmp_path, small_corpus, capsys):
+    """Killing the local Ray's GCS (its head process): Ray's client would end the driver after 60 s with no
+    summary; the sweep sees it, restarts Ray as after a dead raylet, resumes the jobs, and ends the agents the
+    old raylet started (they would outlive it by a minute or two)."""
+    import ray
+
+    if ray.is_initialized():  # this test kills the instance: the sweep must start (and own) its own
+        ray.shutdown()
+    out = tmp_path / "sweep"
+    request = _request(small_corpus, ["vanilla", "looped"], 9e9, LOOPED_STEPS)
+    victim = {}
+
+    def kill_gcs_mid_job():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            gcs, raylet = _child(os.getpid(), "gcs_server"), _child(os.getpid(), "raylet")
+            agents = [pid for pid in (raylet and _child(raylet, "ray::Dashboard"),
+                                      raylet and _child(raylet, "ray::RuntimeEnv")) if pid]
+            running = {f.name: _job_state(f)[1] for f in (out / "jobs").glob("*")
+                       if (_job_state(f)[1] or 0) >= 5 and not (f / "result.json").exists()}
+            if gcs and agents and running:
+                os.kill(gcs, signal.SIGKILL)
+                victim.update(gcs=gcs, agents=agents, steps=running)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_gcs_mid_job, daemon=True)
+    killer.start()
+    outcome = sweep(request, SweepOptions(out=str(out), cpus=1, progress=True, reports=False, retries=1))
+    killer.join(5)
+    assert victim, "the jobs finished before the test could kill the GCS"
+    assert "GCS" in capsys.readouterr().err
+    assert (outcome.ok, outcome.failed, outcome.skipped) == (2, 0, 0)
+    records = ResultsStore(out).records()
+    assert sorted(r["job_id"] for r in records) == sorted(j.job_id for j in outcome.plan.jobs)
+    assert all(r["status"] == "ok" for r in records)
+    for job_id, step in victim["steps"].items():
+        record = next(r for r in records if r["job_id"] == job_id)
+        if record["attempt"] > 1:
+            assert record["resumed_from_step"] >= step, record
+    assert not any(_alive(pid) for pid in victim["agents"])
+    assert not ray.is_initialized()
+
+
+def test_agents_left_by_a_killed_driver_are_ended_before_ray_starts():
+    """An agent whose parent is no raylet (its driver was SIGKILLed, the raylet gone) is ended; one whose parent
+    is a raylet belongs to a running instance and is left alone."""
+    from harness.sweep import end_orphaned_agents
+
+    orphan = subprocess.Popen(["bash", "-c", "exec -a ray::DashboardAgent sleep 60"])
+    owned = subprocess.Popen(["bash", "-c", "exec -a raylet bash -c 'exec -a ray::RuntimeEnvAgent sleep 60 & wait'"])
+    try:
+        def renamed(pid, name):
+            with contextlib.suppress(OSError, TypeError):
+                return open(f"/proc/{pid}/cmdline", "rb").read().startswith(name)
+            return False
+
+        agent, deadline = None, time.time() + 10
+        while time.time() < deadline and not (renamed(orphan.pid, b"ray::DashboardAgent") and renamed(agent, b"ray::")):
+            agent = _child(owned.pid, "sleep")  # the owned agent, started by its "raylet"
+            time.sleep(0.05)
+        assert renamed(agent, b"ray::RuntimeEnvAgent")
+        ended = end_orphaned_agents()
+        assert orphan.pid in ended and agent not in ended
+        assert orphan.wait(10) == -signal.SIGKILL
+        assert _alive(agent)
+    finally:
+        for proc in (orphan, owned):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(agent, signal.SIGKILL)

@@ -7,7 +7,7 @@ import json
 import pathlib
 
 from harness import checkpoint
-from harness.core.errors import CheckpointError
+from harness.core.errors import CheckpointError, ConfigError
 from harness.core.io import read_json, write_json_atomic
 from harness.evaluate import evaluate_model
 from harness.job import load_job, resolve_device
@@ -32,6 +32,9 @@ def finished_result(folder: pathlib.Path) -> dict:
     """
     if not folder.is_dir():
         raise CheckpointError(f"job folder not found: {folder}")
+    if not (folder / "job.json").exists():  # every job folder has one from its first write on
+        raise CheckpointError(f"{folder} is not a job folder (no job.json); give a folder written by "
+                              "`python -m harness train --out DIR` (a sweep's jobs are in OUT/jobs/<job id>)")
     state = checkpoint.load_state(folder / "checkpoint") if (folder / "checkpoint").is_dir() else None
     again = "run the same `python -m harness train` command again to finish it (it evaluates too)"
     if state is None or int(state.get("step", -1)) != int(state.get("total_steps", -2)):
@@ -47,6 +50,11 @@ def finished_result(folder: pathlib.Path) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     folder = pathlib.Path(args.folder)
+    # every argument is checked before the perplexity pass, which rewrites tokens.npz
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be at least 1 (documents per task); leave it out for all")
+    if args.num_fewshot < 0:
+        raise ConfigError(f"--num-fewshot {args.num_fewshot}: must be 0 or more (examples before each question)")
     tasks = [t for t in args.tasks.split(",") if t]
     if tasks:  # a typo in a task name fails now, not after the perplexity pass
         resolve_tasks(tasks)

@@ -11,17 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shutil
 import sys
 
 from harness import checkpoint, hf
 from harness.core import registry
-from harness.core.errors import CheckpointError
-from harness.core.io import read_json
+from harness.core.errors import CheckpointError, ConfigError
+from harness.core.io import check_writable, make_folder, read_json, write_error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="a job folder written by `python -m harness train`")
-    parser.add_argument("out", help="the folder to write (created; files in it are replaced)")
+    parser.add_argument("out", help="the folder to write: new or empty (created), outside the job folder")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a folder that holds files (those of the same name are replaced)")
 
 
 def load_trained(folder: pathlib.Path):
@@ -46,10 +49,33 @@ def load_trained(folder: pathlib.Path):
     return plugin.name, model.eval(), tokenizer_file, job
 
 
+def check_destination(folder: pathlib.Path, out: pathlib.Path, force: bool) -> None:
+    """A ConfigError, before anything is written, for an OUT inside the job folder (export never writes
+    there) or one holding files without ``--force`` (exporting into it would merge two models' files)."""
+    job, target = folder.resolve(), out.resolve()
+    if target == job or job in target.parents:
+        raise ConfigError(f"export folder {out} is inside the job folder {folder}; choose a folder outside it "
+                          "(the job folder keeps only what training wrote)")
+    if target.is_dir() and not force and any(target.iterdir()):
+        raise ConfigError(f"export folder {out} is not empty; choose a new or empty folder, or pass --force to "
+                          "write into it (files of the same name are replaced)")
+
+
 def run(args: argparse.Namespace) -> int:
-    method, model, tokenizer_file, job = load_trained(pathlib.Path(args.folder))
+    folder, out = pathlib.Path(args.folder), pathlib.Path(args.out)
+    method, model, tokenizer_file, job = load_trained(folder)
+    check_destination(folder, out, args.force)
     seq_len = int((job.get("train") or {}).get("seq_len", 0))
-    out = hf.export(model, method, tokenizer_file, args.out, max_positions=max(2048, seq_len))
+    created = make_folder(out, "export folder")
+    try:
+        check_writable(out, "export folder", "choose a writable folder")
+        out = hf.export(model, method, tokenizer_file, out, max_positions=max(2048, seq_len))
+    except (OSError, ConfigError) as exc:
+        if created is not None:  # a refused export leaves no folder of its own behind
+            shutil.rmtree(created, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise write_error(exc, "the export", "free space or choose another folder") from None
+        raise
     files = sorted(p.name for p in out.iterdir())
     runnable = "a LlamaForCausalLM" if method == "vanilla" else f"harness-only ({method}; see README.md)"
     print(json.dumps({"out": str(out), "method": method, "transformers": runnable, "files": files}, indent=2))

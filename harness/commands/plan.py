@@ -53,6 +53,8 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
 
 def request_from_args(args: argparse.Namespace, loaded: study.Study | None = None) -> PlanRequest:
     """The plan request of the command line, or of ``loaded`` with the flags given winning."""
+    if args.seeds is not None and args.seeds < 1:  # checked here: `--seeds 0 or 1` below would run one seed
+        raise ConfigError(f"--seeds {args.seeds}: must be at least 1 (seeds 0..N-1 per method and size)")
     hardware = {"mfu": args.mfu, "workers": args.workers, "cpus_per_job": args.cpus_per_job}
     devices = {"devices_per_job": args.devices_per_job, "parallel": args.parallel}
     if loaded is not None:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from harness.commands.plan import add_request_arguments, csv_list, request_from_args
 from harness.core.errors import SweepError
 from harness.plan import study
 from harness.results import ResultsStore
 from harness.sweep import DEFAULT_RETRIES, DEFAULT_STUDY, SweepOptions, sweep
+from harness.tracking import DEFAULT_TRACKER, TRACKERS, check_tracker
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yes", action="store_true", help="run even if the plan exceeds the hardware found")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="forward the workers' logs")
+    parser.add_argument("--tracker", choices=TRACKERS, default=DEFAULT_TRACKER,
+                        help="each job's training logs besides metrics.jsonl: TensorBoard events in "
+                             "jobs/<id>/tensorboard (default), W&B offline (needs the optional package wandb), or none")
     parser.add_argument("--compile", action="store_true",
                         help="train every job with its blocks through torch.compile (tens of seconds of compiling "
                              "per input shape, then faster steps: for long jobs; default: the study's compile, "
@@ -61,17 +66,22 @@ def run(args: argparse.Namespace) -> int:
     num_fewshot = args.num_fewshot if args.num_fewshot is not None else (loaded.num_fewshot if loaded else 0)
     out = args.out or (os.path.join("results", f"study_{loaded.name}") if loaded
                        else _default_out(request.budget, request.match))
+    check_tracker(args.tracker)  # wandb not installed: one line, before Ray starts
     options = SweepOptions(  # the request holds --devices-per-job/--parallel, or the study's values
         out=out, address=args.address, cpus=args.cpus, cpus_per_job=args.cpus_per_job, retries=args.retries,
         devices_per_job=request.devices_per_job, parallel=request.parallel,
-        compile_blocks=bool(args.compile or (loaded is not None and loaded.compile)),
+        compile_blocks=bool(args.compile or (loaded is not None and loaded.compile)), tracker=args.tracker,
         tasks=tasks, num_fewshot=num_fewshot, task_limit=task_limit, dry_run=args.dry_run, yes=args.yes,
         progress=not args.no_progress, verbose=args.verbose, study_text=loaded.text if loaded else None)
     outcome = sweep(request, options)
     if options.dry_run:
         return 0
-    print(f"sweep: {outcome.ok} ok, {outcome.failed} failed, {outcome.skipped} already done, "
+    if outcome.outage:  # one line, whatever --no-progress hid: what failed and where
+        print(f"error: the output folder failed ({outcome.outage}); every checkpoint is kept: fix it and run the "
+              "same command to resume", file=sys.stderr)
+    not_run = f", {outcome.not_run} not run" if outcome.outage else ""
+    print(f"sweep: {outcome.ok} ok, {outcome.failed} failed, {outcome.skipped} already done{not_run}, "
           f"in {outcome.wall_seconds / 60:.1f} min; results in {ResultsStore(options.out).path}")
     for path in outcome.reports:
         print(f"wrote {path}")
-    return 1 if outcome.failed else 0
+    return 1 if outcome.failed or outcome.outage else 0

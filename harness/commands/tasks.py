@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from harness.core.io import check_writable, make_folder, write_error
 from harness.lmeval.tasks import describe_tasks, write_task_folder
 
 
@@ -22,7 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """List the downstream suite: name, lm-eval task, split, documents available offline, note."""
     if args.write is not None:
-        print(write_task_folder(args.write or None, corpus_jsonl=args.corpus))
+        fix = "give --write a folder that can be written"
+        if args.write:  # a file in the way, or a folder that cannot be made: one line, before any write
+            make_folder(args.write, "--write")
+            check_writable(args.write, "the task folder", fix)
+        try:
+            print(write_task_folder(args.write or None, corpus_jsonl=args.corpus))
+        except OSError as exc:
+            raise write_error(exc, "the task folder", fix) from None
         return 0
     rows = describe_tasks(args.corpus)
     if args.json:

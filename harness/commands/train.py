@@ -21,6 +21,7 @@ from harness.distributed import PARALLEL, RunOptions, check_devices, train_distr
 from harness.job import Job, TrainConfig, parse_overrides
 from harness.plan import CONFIRM_HOURS, SCALES, detect_hardware
 from harness.plan.hardware import job_hours
+from harness.tracking import DEFAULT_TRACKER, TRACKERS, check_tracker
 from harness.train import train_job
 
 
@@ -53,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="run the blocks of every training forward through torch.compile (tens of seconds "
                              "of compiling per input shape, then faster steps: for long jobs); not part of the job")
+    parser.add_argument("--tracker", choices=TRACKERS, default=DEFAULT_TRACKER,
+                        help="training logs besides metrics.jsonl: TensorBoard events in OUT/tensorboard (default), "
+                             "W&B offline in OUT/wandb (needs the optional package wandb), or none")
 
 
 def job_from_args(args: argparse.Namespace) -> Job:
@@ -68,6 +72,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
 
 def run(args: argparse.Namespace) -> int:
     job = job_from_args(args)
+    check_tracker(args.tracker)  # wandb not installed: one line, before anything is loaded
     plugin = registry.get(job.method)
     if job.init_from:  # validate before loading data
         hf.model_config(plugin, job.init_from, job.model)
@@ -83,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
         if args.devices < 1:
             raise ConfigError(f"--devices {args.devices}: must be at least 1")
         check_feasible(job, args.yes)
-        result = train_job(job, args.out, progress=not args.no_progress, force=args.force,
-                           compile_blocks=args.compile)
+        result = train_job(job, args.out, progress=not args.no_progress, force=args.force, tracker=args.tracker,
+                           compile_blocks=args.compile, stop_on_signal=True)  # Ctrl-C: checkpoint, then exit 130
     if result.get("flops_warning"):
         print(f"warning: {result['flops_warning']}", file=sys.stderr)
     keys = ("method", "size", "params", "train_tokens", "train_flops", "val_loss", "val_ppl",

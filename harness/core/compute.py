@@ -160,6 +160,17 @@ def measure() -> Iterator[ComputeLedger]:
         yield ledger
 
 
+@contextlib.contextmanager
+def unrecorded() -> Iterator[None]:
+    """Work that no open ledger should count (the learning curve's validation inside a training run): the
+    open ledgers are set aside until the block ends; a ledger opened inside still counts."""
+    saved, _local.stack = _stack(), []
+    try:
+        yield
+    finally:
+        _local.stack = saved
+
+
 def as_count(x: torch.Tensor | int | float) -> float:
     return float(x.sum().item()) if isinstance(x, torch.Tensor) else float(x)
 
@@ -167,5 +178,5 @@ def as_count(x: torch.Tensor | int | float) -> float:
 __all__ = [
     "BACKWARD_MULTIPLIER", "ComputeLedger", "LedgerTotals", "active", "as_count", "block_flops",
     "block_matmul_params", "causal_key_pairs", "head_flops", "measure", "record_block", "record_head", "record_matmul",
-    "record_tokens",
+    "record_tokens", "unrecorded",
 ]

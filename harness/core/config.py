@@ -34,22 +34,28 @@ def _swiglu_width(d_model: int, multiple: int = 64) -> int:
     return multiple * math.ceil(8 * d_model / 3 / multiple)
 
 
-# CPU rungs where depth matters: with the CPU vocabulary (CPU_VOCAB_SIZE) and TrainConfig's seq_len 128,
-# the LM head (2 d V FLOPs per token) is at most 1/3 of the vanilla forward FLOPs at every rung (pico 0.31,
-# nano 0.22, micro 0.17, tiny 0.13; harness.plan.ladder.lm_head_share, checked in tests), as at the
-# paper's 410M where it is ~15%. n_layers - 2 is a multiple of 3 so Mixture-of-Recursions can share
-# (L-2)/3 layers between unshared first and last layers. Block parameters stay under 1.7M so a 2-core
-# machine trains each rung in minutes. The Pythia rungs copy Pythia's width, depth and heads with a SwiGLU
+# CPU rungs where depth matters (calibrated in results/calibration/, docs/design.md "Evidence"): head dimension
+# 64 at every rung (the CPU attention kernel at head dimension 16 ran at 18-27% of the matmul rate, and real
+# models use 64-128), and shallow, wide shapes: at d=64 the models were width-bound and neither depth nor
+# pondering bought anything, while at d=128 two more layers buy a clear loss drop, which is the room pondering
+# needs. pico -> nano doubles the depth (and the non-embedding parameters) at the same width: the "one rung up"
+# of PonderLM-2's headline (C0) and the depth half of the dense frontier (P1); nano -> micro -> tiny widen.
+# With the CPU vocabulary (CPU_VOCAB_SIZE) and TrainConfig's seq_len 128 the LM head (2 d V FLOPs per token)
+# is at most 1/3 of the vanilla forward FLOPs at every rung (harness.plan.ladder.lm_head_share, checked in
+# tests), as at the paper's 410M where it is ~15%. Mixture-of-Recursions' Middle-Cycle sharing needs
+# n_layers - 2 to split into R recursions; at these depths the studies run its Cycle variant (every layer
+# shared, unshared_first = unshared_last = 0), one of the MoR paper's four sharing strategies.
+# The Pythia rungs copy Pythia's width, depth and heads with a SwiGLU
 # MLP of equal parameter count (LLaMA's 8/3 rule). Its width is the official PonderLM-2 configs'
 # intermediate_size where they have a model of that shape (LUMIA-Group/PonderLM-2, llama_config/*/config.json:
 # "125m" is our 160m, 2064; 410m 2752 and 1.4b 5504 equal the rule; their 1.4b has 32 heads to Pythia's 16,
 # and their "2.8b" is 2048 x 48 layers, not Pythia's 2560 x 32). Those configs' rms_norm_eps 0.1 and their
 # scripts' optimiser settings are the plan's Pythia scale (harness/plan/ladder.py), not part of a rung.
 SIZES: dict[str, Size] = {
-    "pico": Size(d_model=64, n_layers=5, n_heads=4, d_ff=176),
-    "nano": Size(d_model=64, n_layers=8, n_heads=4, d_ff=176),
-    "micro": Size(d_model=96, n_layers=8, n_heads=4, d_ff=256),
-    "tiny": Size(d_model=128, n_layers=8, n_heads=4, d_ff=352),
+    "pico": Size(d_model=128, n_layers=3, n_heads=2, d_ff=_swiglu_width(128, 32)),
+    "nano": Size(d_model=128, n_layers=6, n_heads=2, d_ff=_swiglu_width(128, 32)),
+    "micro": Size(d_model=192, n_layers=6, n_heads=3, d_ff=_swiglu_width(192, 32)),
+    "tiny": Size(d_model=256, n_layers=6, n_heads=4, d_ff=_swiglu_width(256, 32)),
     "70m": Size(d_model=512, n_layers=6, n_heads=8, d_ff=_swiglu_width(512)),
     "160m": Size(d_model=768, n_layers=12, n_heads=12, d_ff=2064),
     "410m": Size(d_model=1024, n_layers=24, n_heads=16, d_ff=_swiglu_width(1024)),

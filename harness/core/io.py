@@ -103,6 +103,23 @@ def make_folder(path: str | os.PathLike, what: str = "folder") -> pathlib.Path |
     return top
 
 
+def check_writable(folder: str | os.PathLike, what: str, fix: str = "choose another folder") -> None:
+    """A ConfigError naming ``folder`` unless a file can be created in it (read-only, no permission, disk
+    full): a command that writes several files checks first, so it fails before its first write, not halfway."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".harness-probe.", dir=folder)
+    except OSError as exc:
+        raise write_error(exc, what, fix) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def write_error(exc: OSError, what: str, fix: str = "choose another folder") -> ConfigError:
+    """One line for an OSError met while writing ``what``: the path, the system's reason and ``fix``."""
+    where = f" {exc.filename}" if exc.filename else ""
+    return ConfigError(f"cannot write {what}{where}: {exc.strerror or exc}; {fix}")
+
+
 def remove_if_empty(top: pathlib.Path | None, path: str | os.PathLike) -> None:
     """Undo :func:`make_folder`: remove ``path`` and its parents up to ``top`` while they are empty."""
     if top is None:
@@ -137,4 +154,5 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
 
 
-__all__ = ["file_lock", "make_folder", "read_json", "remove_if_empty", "write_bytes_atomic", "write_json_atomic"]
+__all__ = ["check_writable", "file_lock", "make_folder", "read_json", "remove_if_empty", "write_bytes_atomic",
+           "write_error", "write_json_atomic"]

@@ -24,6 +24,7 @@ Schema (every key optional unless marked)::
     devices_per_job = 8          # train each job on 8 devices through Ray Train (harness/distributed.py)
     parallel = "fsdp"            # with devices_per_job: "ddp" (default) or "fsdp"; neither changes a job's id
     compile = true               # train the blocks through torch.compile (sweep --compile); no job's id changes
+    pipeline_check = true        # the study shows the pipeline, not evidence: its claims.md opens by saying so
 
     [[arms]]                     # one per line of the comparison (at least one)
     method = "ponderlm3"         # required: a registered method
@@ -61,7 +62,7 @@ else:  # pragma: no cover - Python 3.10
 
 STUDY_SUFFIX = ".toml"
 _TOP_KEYS = {"description", "protocol", "budget", "tokens", "reference_size", "sizes", "seeds", "set", "tasks",
-             "task_limit", "num_fewshot", "gpu", "devices_per_job", "parallel", "compile", "arms"}
+             "task_limit", "num_fewshot", "gpu", "devices_per_job", "parallel", "compile", "pipeline_check", "arms"}
 _ARM_KEYS = {"method", "label", "values", "vary", "seeds", "sizes"}
 
 
@@ -88,11 +89,19 @@ class Study:
     devices_per_job: int = 1  # run options of the sweep, never part of a job (its id does not depend on them)
     parallel: str = "ddp"
     compile: bool = False  # the sweep's --compile (harness.train.train_job's compile_blocks)
+    pipeline_check: bool = False  # read by harness.claims from the sweep's copy of the file
 
     def request(self, *, budget: float | None = None, match: str | None = None, sizes: list[str] | None = None,
                 seeds: int | None = None, overrides: list[str] | None = None, methods: list[str] | None = None,
                 devices_per_job: int | None = None, parallel: str | None = None, **extra: Any) -> PlanRequest:
         """The plan request this study makes, with command-line values winning (see the module docstring)."""
+        if seeds is not None and seeds < 1:
+            raise StudyError(f"--seeds {seeds}: must be at least 1 (seeds 0..N-1 per arm)")
+        present = {arm.method for arm in self.arms}
+        for method in [m for m in methods or [] if m not in present]:  # never dropped silently
+            registry.get(method)  # an unknown name: UnknownMethodError listing the registered ones
+            raise StudyError(f"--methods {method}: {self.path} has no arm of {method!r} (its arms: "
+                             f"{', '.join(sorted(present))}); drop it from --methods or add an arm to the study")
         arms = [arm for arm in self.arms if not methods or arm.method in methods]
         if not arms:
             raise StudyError(f"{self.path}: --methods {','.join(methods or [])} keeps none of its arms "
@@ -190,7 +199,8 @@ def _parse(raw: dict[str, Any], path: pathlib.Path, text: str) -> Study:
         seeds=seeds, overrides=_str_list(raw, "set", where) or [], tasks=_str_list(raw, "tasks", where) or [],
         task_limit=_get(raw, "task_limit", int, where, None), num_fewshot=_get(raw, "num_fewshot", int, where, 0),
         gpu=_get(raw, "gpu", str, where, None), devices_per_job=devices, parallel=parallel,
-        compile=_get(raw, "compile", bool, where, False))
+        compile=_get(raw, "compile", bool, where, False),
+        pipeline_check=_get(raw, "pipeline_check", bool, where, False))
     for i, arm in enumerate(arms_raw):
         study.arms.extend(_arms(arm, f"{where}: arms[{i}]", study.sizes))
     return study
