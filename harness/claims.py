@@ -43,6 +43,14 @@ Claims and the decisions taken where the papers give no number (each printed wit
   per method, the arm at PonderLM-1's size with the most inference FLOPs.
 * C5: the Jacobi gap |parallel - exact| / loss: small when its interval over PonderLM-2/3 runs lies below
   1%, large when it lies above 5%.
+
+The depth probe (only for runs whose data carry difficulty labels, a ``synthetic:`` source; claims.md then
+says first that the study is a probe of mechanisms, not the paper's claim):
+* D1: deepest-h accuracy rises vanilla -> PonderLM-2 K=1 -> K=3 at one size (each step paired, > 0).
+* D2: over PonderLM-3 runs, Spearman(extra steps, h) on answer tokens > 0 and mean steps on answers minus
+  filler > 0, each by its 95% interval over runs.
+* D3: PonderLM-3 minus PonderLM-2 K=3 in deepest-h accuracy > -0.01 and the per-seed inference FLOPs ratio
+  < 0.9; supported if some PonderLM-3 arm meets both.
 """
 
 from __future__ import annotations
@@ -257,36 +265,52 @@ def _ponderlm2_k(arms: list[Arm], k: int) -> list[Arm]:
 # preconditions
 
 
-def precondition_p1(arms: list[Arm]) -> Verdict:
-    v = Verdict("P1", "The dense frontier: each larger vanilla rung beats the next smaller one at matched tokens "
-                "(at the same width, the deeper one: depth pays).", NOT_TESTABLE,
-                decision="larger rung minus smaller rung < 0 for every pair of neighbouring vanilla rungs")
-    vanilla = sorted(_vanilla(arms).values(), key=lambda a: _rank(a.size))
-    comparisons = [compare(larger, smaller) for smaller, larger in zip(vanilla, vanilla[1:])]
+PRECONDITION_TEXT: dict[str, tuple[str, str, str]] = {  # statement, test, what a study must run
+    "P1": ("The dense frontier: each larger vanilla rung beats the next smaller one at matched tokens (at the same "
+           "width, the deeper one: depth pays).",
+           "larger rung minus smaller rung < 0 for every pair of neighbouring vanilla rungs",
+           "needs vanilla at two sizes"),
+    "P2": ("Pondering pays: PonderLM-2 beats vanilla of the same size at matched tokens.",
+           "PonderLM-2 minus vanilla at the same size < 0, for every K the study ran",
+           "needs PonderLM-2 and vanilla at one size"),
+    "P3": ("More steps pay: PonderLM-2 with K=3 beats K=1 at the same size.",
+           "PonderLM-2 K=3 minus K=1 at the same size < 0",
+           "needs PonderLM-2 with K=1 and K=3 at one size"),
+}
+
+
+def precondition(name: str, arms: list[Arm]) -> Verdict:
+    """P1, P2 or P3: every pair :func:`precondition_pairs` gives it must hold (a - b < 0)."""
+    statement, test, missing = PRECONDITION_TEXT[name]
+    v = Verdict(name, statement, NOT_TESTABLE, decision=test)
+    comparisons = [compare(a, b) for pair, a, b in precondition_pairs(arms) if pair == name]
     if not comparisons:
-        v.evidence.append("needs vanilla at two sizes")
+        v.evidence.append(missing)
     return _finish(v, comparisons, combine([c.verdict for c in comparisons]))
+
+
+def precondition_p1(arms: list[Arm]) -> Verdict:
+    return precondition("P1", arms)
 
 
 def precondition_p2(arms: list[Arm]) -> Verdict:
-    v = Verdict("P2", "Pondering pays: PonderLM-2 beats vanilla of the same size at matched tokens.", NOT_TESTABLE,
-                decision="PonderLM-2 minus vanilla at the same size < 0, for every K the study ran")
-    vanilla = _vanilla(arms)
-    comparisons = [compare(p2, vanilla[p2.size]) for p2 in _pick(arms, lambda a: a.method == "ponderlm2")
-                   if p2.size in vanilla]
-    if not comparisons:
-        v.evidence.append("needs PonderLM-2 and vanilla at one size")
-    return _finish(v, comparisons, combine([c.verdict for c in comparisons]))
+    return precondition("P2", arms)
 
 
 def precondition_p3(arms: list[Arm]) -> Verdict:
-    v = Verdict("P3", "More steps pay: PonderLM-2 with K=3 beats K=1 at the same size.", NOT_TESTABLE,
-                decision="PonderLM-2 K=3 minus K=1 at the same size < 0")
+    return precondition("P3", arms)
+
+
+def precondition_pairs(arms: list[Arm]) -> list[tuple[str, Arm, Arm]]:
+    """(precondition, a, b) for every comparison P1-P3 make (a - b < 0 is the precondition holding)."""
+    vanilla = _vanilla(arms)
+    ladder = sorted(vanilla.values(), key=lambda a: _rank(a.size))
+    pairs = [("P1", larger, smaller) for smaller, larger in zip(ladder, ladder[1:])]
+    pairs += [("P2", p2, vanilla[p2.size]) for p2 in _pick(arms, lambda a: a.method == "ponderlm2")
+              if p2.size in vanilla]
     k1 = {a.size: a for a in _ponderlm2_k(arms, 1)}
-    comparisons = [compare(k3, k1[k3.size]) for k3 in _ponderlm2_k(arms, 3) if k3.size in k1]
-    if not comparisons:
-        v.evidence.append("needs PonderLM-2 with K=1 and K=3 at one size")
-    return _finish(v, comparisons, combine([c.verdict for c in comparisons]))
+    pairs += [("P3", k3, k1[k3.size]) for k3 in _ponderlm2_k(arms, 3) if k3.size in k1]
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -465,6 +489,149 @@ def claim_c5(arms: list[Arm]) -> Verdict:
     return v
 
 
+# ---------------------------------------------------------------------------------------------------
+# the depth probe (synthetic sources with known difficulty: harness.data.synthetic): D1-D3
+
+
+D3_ACCURACY_TOLERANCE = 0.01  # "within 1 point" of accuracy
+D3_FLOPS_RATIO = 0.9
+PROBE_LINE = ("**This study is a probe of mechanisms, not the paper's claim**: its data are synthetic p-hop "
+              "induction items among filler (harness/data/synthetic.py), whose difficulty h is known by "
+              "construction; D1-D3 below read off whether extra steps solve deeper items and whether the adaptive "
+              "method spends them there. The preconditions and C0-C5 are computed on its loss like any study's.")
+ACCURACY_HEADER = ["| comparison (deepest-h accuracy) | mean [95% t interval], n seeds | window bootstrap 95% | "
+                   "detectable (half-width) | verdict |", "| --- | --- | --- | ---: | --- |"]
+
+
+def has_difficulty(arms: list[Arm]) -> bool:
+    """Some run carries metrics by difficulty (``harness.evaluate.difficulty_metrics``)."""
+    return any(isinstance(r.get("difficulty"), dict) for a in arms for r in a.runs)
+
+
+def _accuracy_finish(v: Verdict, comparisons: list[Comparison], verdict: str) -> Verdict:
+    v = _finish(v, comparisons, verdict)
+    if comparisons:
+        v.evidence[:len(COMPARISON_HEADER)] = ACCURACY_HEADER
+    return v
+
+
+def claim_d1(arms: list[Arm]) -> Verdict:
+    v = Verdict("D1", "Extra steps solve deeper items: accuracy at the deepest h rises from vanilla to PonderLM-2 K=1 "
+                "to PonderLM-2 K=3.", NOT_TESTABLE,
+                decision="per size, PonderLM-2 K=1 minus vanilla and K=3 minus K=1 in deepest-h accuracy > 0, "
+                "paired by seed; every comparison must hold")
+    vanilla = {a.size: a for a in _vanilla(arms).values() if a.values("deepest_h_accuracy")}
+    k1 = {a.size: a for a in _ponderlm2_k(arms, 1)}
+    comparisons = []
+    for k3 in _ponderlm2_k(arms, 3):
+        if k3.size in vanilla and k3.size in k1:
+            comparisons += [compare(k1[k3.size], vanilla[k3.size], 0.0, "above", "deepest_h_accuracy"),
+                            compare(k3, k1[k3.size], 0.0, "above", "deepest_h_accuracy")]
+    if not comparisons:
+        v.evidence.append("needs vanilla and PonderLM-2 with K=1 and K=3 at one size, with difficulty metrics")
+    return _accuracy_finish(v, comparisons, combine([c.verdict for c in comparisons]))
+
+
+def _answer_minus_filler_steps(run: dict[str, Any]) -> float | None:
+    """Mean steps on answers (every h > 0, weighted by count) minus mean steps on filler (h = 0)."""
+    table = run.get("difficulty") or {}
+    filler = table.get("0", {}).get("mean_steps")
+    answers = [(row["n"], row["mean_steps"]) for h, row in table.items() if h != "0" and "mean_steps" in row]
+    total = sum(n for n, _ in answers)
+    if filler is None or not total:
+        return None
+    return sum(n * m for n, m in answers) / total - float(filler)
+
+
+def claim_d2(arms: list[Arm]) -> Verdict:
+    v = Verdict("D2", "PonderLM-3 spends its steps where the difficulty is: Spearman(extra steps, h) over answer "
+                "tokens > 0, and more mean steps on answer tokens than on filler.", NOT_TESTABLE,
+                decision="over PonderLM-3 runs whose steps vary on answers (every penalty and seed): the 95% t "
+                "interval of each statistic over runs lies above 0")
+    rhos, diffs, constant = [], [], 0
+    for arm in _ponderlm3(arms):
+        for run in arm.runs:
+            if not isinstance(run.get("difficulty"), dict):
+                continue
+            diff = _answer_minus_filler_steps(run)
+            if diff is not None:
+                diffs.append(diff)
+            if isinstance(run.get("spearman_steps_h"), (int, float)):
+                rhos.append(float(run["spearman_steps_h"]))
+            else:
+                constant += 1
+    if constant:
+        v.evidence.append(f"- {constant} PonderLM-3 run(s) took the same number of steps on every answer "
+                          "(nothing to correlate)")
+    if not rhos and not diffs:
+        v.verdict = INCONCLUSIVE if constant else NOT_TESTABLE
+        if not constant:
+            v.evidence.append("needs PonderLM-3 runs with difficulty metrics")
+        return v
+    parts, ns = [], []
+    for label, values in (("Spearman(steps, h) on answers", rhos), ("mean steps, answers minus filler", diffs)):
+        if values:
+            interval = stats.t_interval(values)
+            parts.append(stats.verdict_above(interval, 0.0))
+            ns.append(interval.n)
+            v.evidence.append(f"- {label}: {interval.text(3)} runs: {stats.indicative_text(parts[-1], interval.n)}")
+        else:
+            parts.append(INCONCLUSIVE)
+    v.verdict, v.n = combine(parts), min(ns)
+    return v
+
+
+def claim_d3(arms: list[Arm]) -> Verdict:
+    v = Verdict("D3", "PonderLM-3 comes within 1 point of PonderLM-2 (K=3)'s deepest-h accuracy at no more than 90% "
+                "of its measured inference FLOPs.", NOT_TESTABLE,
+                decision=f"PonderLM-3 minus PonderLM-2 K=3 in deepest-h accuracy > -{D3_ACCURACY_TOLERANCE:g} and the "
+                f"per-seed FLOPs ratio < {D3_FLOPS_RATIO}, both by their 95% intervals; supported if some PonderLM-3 "
+                "arm at the same size meets both, contradicted if every arm fails one")
+    comparisons, parts, ratio_lines = [], [], []
+    for p2 in _ponderlm2_k(arms, 3):
+        if not p2.values("deepest_h_accuracy"):
+            continue
+        for p3 in _pick(_ponderlm3(arms), lambda a, size=p2.size: a.size == size):
+            quality = compare(p3, p2, -D3_ACCURACY_TOLERANCE, "above", "deepest_h_accuracy")
+            ratio = _flops_ratio(p3, p2)
+            cost = stats.verdict_below(ratio, D3_FLOPS_RATIO)
+            comparisons.append(quality)
+            parts.append(combine([quality.verdict, cost]))
+            ratio_lines.append(f"- {p3.name}: inference FLOPs / {p2.name}'s = {ratio.text(3, signed=False)} "
+                               f"({p3.flops()} vs {p2.flops()}): {stats.indicative_text(cost, ratio.n)} "
+                               f"(< {D3_FLOPS_RATIO})")
+    v.evidence = ["", *ratio_lines] if ratio_lines else ["needs PonderLM-2 with K=3 and PonderLM-3 at one size, with "
+                                                         "difficulty metrics"]
+    return _accuracy_finish(v, comparisons, any_of(parts))
+
+
+PROBE_CLAIMS: tuple[Callable[[list[Arm]], Verdict], ...] = (claim_d1, claim_d2, claim_d3)
+
+
+def evaluate_probe(arms: list[Arm]) -> list[Verdict]:
+    """D1-D3 where the runs carry difficulty metrics, else nothing."""
+    return [claim(arms) for claim in PROBE_CLAIMS] if has_difficulty(arms) else []
+
+
+def probe_lines(arms: list[Arm]) -> list[str]:
+    """Accuracy by h per arm (mean over seeds), the table under D1-D3."""
+    levels = sorted({int(h) for a in arms for r in a.runs for h in (r.get("difficulty") or {}) if h != "0"})
+    if not levels:
+        return []
+    out = ["| arm | n | " + " | ".join(f"acc h={h}" for h in levels) + " | inference FLOPs/token |",
+           "| --- | ---: | " + " | ".join("---:" for _ in levels) + " | ---: |"]
+    for arm in arms:
+        runs = [r for r in arm.runs if isinstance(r.get("difficulty"), dict)]
+        if not runs:
+            continue
+        cells = []
+        for h in levels:
+            values = [r["difficulty"][str(h)]["accuracy"] for r in runs if str(h) in r["difficulty"]]
+            cells.append(f"{stats.t_interval(values).mean:.3f}" if values else "–")
+        out.append(f"| {arm.name} | {len(runs)} | " + " | ".join(cells) + f" | {arm.flops()} |")
+    return out
+
+
 PRECONDITIONS: tuple[Callable[[list[Arm]], Verdict], ...] = (precondition_p1, precondition_p2, precondition_p3)
 CLAIMS: tuple[Callable[[list[Arm]], Verdict], ...] = (claim_c0, claim_c1, claim_c2, claim_c3, claim_c4, claim_c5)
 #: the preconditions each claim rests on (module docstring)
@@ -520,18 +687,6 @@ def curve_comparison(a: Arm, b: Arm) -> list[tuple[int, Interval]]:
     return [(t, stats.paired({s: ca[s][t] for s in seeds}, {s: cb[s][t] for s in seeds})) for t in points]
 
 
-def precondition_pairs(arms: list[Arm]) -> list[tuple[str, Arm, Arm]]:
-    """(precondition, a, b) for every comparison P1-P3 make (a - b < 0 is the precondition holding)."""
-    vanilla = _vanilla(arms)
-    ladder = sorted(vanilla.values(), key=lambda a: _rank(a.size))
-    pairs = [("P1", larger, smaller) for smaller, larger in zip(ladder, ladder[1:])]
-    pairs += [("P2", p2, vanilla[p2.size]) for p2 in _pick(arms, lambda a: a.method == "ponderlm2")
-              if p2.size in vanilla]
-    k1 = {a.size: a for a in _ponderlm2_k(arms, 1)}
-    pairs += [("P3", k3, k1[k3.size]) for k3 in _ponderlm2_k(arms, 3) if k3.size in k1]
-    return pairs
-
-
 def curve_lines(arms: list[Arm], points: int = 5) -> list[str]:
     """The preconditions' paired differences along training, at up to ``points`` curve points."""
     rows = []
@@ -571,6 +726,9 @@ def markdown(arms: list[Arm], verdicts: list[Verdict], title: str, preconditions
              pipeline_check: bool = False) -> str:
     preconditions = preconditions if preconditions is not None else evaluate_preconditions(arms)
     out = [PIPELINE_CHECK_LINE, ""] if pipeline_check else []
+    probe = evaluate_probe(arms)
+    if probe:
+        out += [PROBE_LINE, ""]
     out += [f"# Claims report: {title}", "",
             "Computed by `python -m harness claims` from runs.jsonl (harness/claims.py gives the rules). Every "
             "comparison is a paired difference over the seeds both arms ran (seed s gives every method the same "
@@ -581,6 +739,7 @@ def markdown(arms: list[Arm], verdicts: list[Verdict], title: str, preconditions
             "| | verdict | n (fewest paired seeds) |", "| --- | --- | ---: |"]
     out += [f"| {v.claim} (precondition) | **{v.display()}** | {v.n} |" for v in preconditions]
     out += [f"| {v.claim} | **{v.display()}** | {v.n} |" for v in verdicts]
+    out += [f"| {v.claim} (depth probe) | **{v.display()}** | {v.n} |" for v in probe]
     out += ["", "## Preconditions", ""]
     for v in preconditions:
         out += [f"### {v.claim}: {v.display()}", "", v.statement, "", f"*Test:* {v.decision}.", "", *v.evidence, ""]
@@ -601,6 +760,11 @@ def markdown(arms: list[Arm], verdicts: list[Verdict], title: str, preconditions
         if v.decision:
             out += [f"*Test:* {v.decision}.", ""]
         out += v.evidence
+    if probe:
+        out += ["", "## Depth probe", "", "Accuracy (greedy next token = the answer) by number of hops h, mean over "
+                "seeds:", "", *probe_lines(arms)]
+        for v in probe:
+            out += ["", f"### {v.claim}: {v.display()}", "", v.statement, "", f"*Test:* {v.decision}.", "", *v.evidence]
     return "\n".join(out) + "\n"
 
 
@@ -628,6 +792,7 @@ def write_claims(folder: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
-__all__ = ["CLAIMS", "CLAIMS_FILE", "NOT_IN_REGIME", "NOT_TESTABLE", "PRECONDITIONS", "PREMISES", "Arm", "Comparison",
-           "Verdict", "any_of", "arms_of", "combine", "compare", "curve_comparison", "evaluate_claims",
-           "evaluate_preconditions", "gate", "load_arms", "markdown", "precondition_pairs", "report", "write_claims"]
+__all__ = ["CLAIMS", "CLAIMS_FILE", "NOT_IN_REGIME", "NOT_TESTABLE", "PRECONDITIONS", "PREMISES", "PROBE_CLAIMS",
+           "Arm", "Comparison", "Verdict", "any_of", "arms_of", "combine", "compare", "curve_comparison",
+           "evaluate_claims", "evaluate_preconditions", "evaluate_probe", "gate", "has_difficulty", "load_arms",
+           "markdown", "precondition_pairs", "report", "write_claims"]

@@ -46,15 +46,18 @@ def _batches(windows: torch.Tensor, batch_size: int, device: torch.device):
 
 
 @torch.no_grad()
-def deployed_loss(model, windows, batch_size, device, autocast, progress=None, keep_records=False):
-    """Mean NLL under deployed inference, the ledger totals of what ran, per-token records (optional)
-    and whether the method reports extra steps per token."""
+def deployed_loss(model, windows, batch_size, device, autocast, progress=None, keep_records=False, greedy=False):
+    """Mean NLL under deployed inference, the ledger totals of what ran, per-token records (optional;
+    with ``greedy`` also the greedy next token, record "greedy") and whether the method reports extra
+    steps per token."""
     nll_sum, tokens, reports_steps = 0.0, 0, False
     records: dict[str, list[np.ndarray]] = {"token": [], "nll": [], "steps": []}
     with compute.measure() as ledger:
         for inputs, targets in _batches(windows, batch_size, device):
             with autocast:
                 out = model.score(inputs, targets)
+            if greedy and keep_records:  # the greedy next token of the deployed distributions
+                records.setdefault("greedy", []).append(out.greedy.flatten().cpu().numpy().astype(np.int32))
             nll = -out.logprobs.double()
             nll_sum += nll.sum().item()
             tokens += targets.numel()
@@ -91,6 +94,38 @@ def bits_per_byte(nll: np.ndarray, targets: np.ndarray, token_bytes: np.ndarray)
     return float(np.asarray(nll, dtype=np.float64).sum() / (math.log(2) * n_bytes)) if n_bytes else float("nan")
 
 
+def difficulty_metrics(difficulty: np.ndarray, records: dict[str, np.ndarray], reports_steps: bool,
+                       infer_flops_per_token: float) -> dict[str, Any]:
+    """Metrics by difficulty (synthetic sources, ``harness.data.synthetic``): for each h > 0, the number of
+    answers, accuracy (greedy next token = the answer), mean NLL and, for a method reporting steps, mean
+    deployed extra steps; the same for the filler (h = 0) where it has a meaning; Spearman(steps, h) over
+    the answers; accuracy at the deepest h. Keys are strings (JSON)."""
+    difficulty = np.asarray(difficulty, dtype=np.int64)
+    correct = records["greedy"] == records["token"]
+    nll = records["nll"].astype(np.float64)
+    levels = sorted(int(h) for h in np.unique(difficulty) if h > 0)
+    by_h: dict[str, dict[str, float]] = {}
+    for h in [0, *levels]:
+        mask = difficulty == h
+        if not mask.any():
+            continue
+        row = {"n": int(mask.sum()), "accuracy": float(correct[mask].mean()), "nll": float(nll[mask].mean())}
+        if reports_steps:
+            row["mean_steps"] = float(records["steps"][mask].astype(np.float64).mean())
+        by_h[str(h)] = row
+    out: dict[str, Any] = {"difficulty": by_h, "difficulty_max_h": max(levels) if levels else 0,
+                           "difficulty_infer_flops_per_token": infer_flops_per_token}
+    if levels:
+        out["deepest_h_accuracy"] = by_h[str(max(levels))]["accuracy"]
+    answers = difficulty > 0
+    if reports_steps and answers.sum() > 2:
+        steps = records["steps"][answers].astype(np.float64)
+        if np.ptp(steps) > 0:   # constant steps: nothing to correlate, no key
+            from scipy.stats import spearmanr
+            out["spearman_steps_h"] = float(spearmanr(steps, difficulty[answers]).statistic)
+    return out
+
+
 def evaluate_model(model, corpus: TokenizedCorpus, cfg, device: torch.device,
                    records_path: str | pathlib.Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Perplexity, measured inference FLOPs per token, train/inference gaps and step statistics."""
@@ -102,9 +137,13 @@ def evaluate_model(model, corpus: TokenizedCorpus, cfg, device: torch.device,
                               f"{cfg.seq_len}; use more data or a smaller train.seq_len")
     autocast = autocast_for(device, cfg.precision)
     n_batches = math.ceil(len(windows) / cfg.eval_batch_size)
+    difficulty = None
+    if corpus.val_difficulty is not None:
+        difficulty = validation_windows(corpus.val_difficulty, cfg.seq_len, cfg.eval_tokens or None)[:, 1:]
     with tqdm(total=n_batches, desc="evaluate", unit="batch", disable=not progress) as bar:
         loss, totals, records, reports_steps = deployed_loss(model, windows, cfg.eval_batch_size, device,
-                                                             autocast, bar, keep_records=True)
+                                                             autocast, bar, keep_records=True,
+                                                             greedy=difficulty is not None)
     parallel = parallel_loss(model, windows, cfg.eval_batch_size, device, autocast)
     result: dict[str, Any] = {
         "val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": int(totals.tokens),
@@ -119,6 +158,10 @@ def evaluate_model(model, corpus: TokenizedCorpus, cfg, device: torch.device,
     if reports_steps:
         result["mean_extra_steps"] = float(records["steps"].mean())
         result["max_extra_steps"] = int(records["steps"].max())
+    if difficulty is not None:
+        result.update(difficulty_metrics(difficulty.flatten().numpy(), records, reports_steps,
+                                         result["infer_flops_per_token"]))
+        records["difficulty"] = difficulty.flatten().numpy().astype(np.int8)
     spec = model.evaluation_spec()
     if spec.jacobi:  # the parallel form is a Jacobi solve of decoding (the PonderLM family)
         if spec.exact_overrides:

@@ -87,6 +87,7 @@ class DecodeOutput:
 class ScoreOutput:
     logprobs: torch.Tensor  # [B, T] log p(target_t | inputs_<=t); 0 where the target is IGNORE_INDEX
     steps: torch.Tensor | None = None  # [B, T] extra steps per token (adaptive methods)
+    greedy: torch.Tensor | None = None  # [B, T] argmax of the same deployed distributions (greedy next token)
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -153,7 +154,7 @@ class LanguageModel(nn.Module):
         logprobs = torch.log_softmax(out.logits.float(), dim=-1)
         picked = logprobs.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
         steps = None if out.steps is None else out.steps.masked_fill(~valid, 0)
-        return ScoreOutput(picked.masked_fill(~valid, 0.0), steps)
+        return ScoreOutput(picked.masked_fill(~valid, 0.0), steps, out.logits.argmax(-1))
 
     # -- declarations -----------------------------------------------------------------------------
 

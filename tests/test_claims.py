@@ -295,3 +295,81 @@ def test_claims_on_a_folder_without_runs_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "harness", "claims", str(tmp_path)], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+
+
+# -- the depth probe: D1-D3 (runs whose data carry difficulty labels) --------------------------------
+
+
+def probed(method, accuracies, flops, k=None, variant="", steps=None, rho=None, size="pico"):
+    """Seeds of an arm with difficulty metrics: ``accuracies`` is the deepest-h (h=3) accuracy per seed."""
+    out = []
+    for seed, acc in enumerate(accuracies):
+        table = {"0": {"n": 900, "accuracy": 0.3, "nll": 4.0},
+                 **{str(h): {"n": 30, "accuracy": min(1.0, acc + 0.1 * (3 - h)), "nll": 1.0} for h in (1, 2, 3)}}
+        extra = {"difficulty": table, "difficulty_max_h": 3, "deepest_h_accuracy": acc}
+        if steps is not None:
+            for h, s in steps.items():
+                table[str(h)]["mean_steps"] = s
+        if rho is not None:
+            extra["spearman_steps_h"] = rho[seed]
+        out.append(run(method, 4.0 - 0.01 * seed, flops, seed=seed, size=size, variant=variant, k=k, **extra))
+    return out
+
+
+def probe_arms(k1=(0.30, 0.32, 0.31), k3=(0.50, 0.52, 0.49), p3=(0.50, 0.52, 0.495), p3_flops=5e6,
+               p3_steps=None, rho=(0.3, 0.35, 0.4)):
+    steps = p3_steps if p3_steps is not None else {0: 0.5, 1: 1.0, 2: 1.5, 3: 2.0}
+    return (probed("vanilla", (0.10, 0.12, 0.11), 1e6)
+            + probed("ponderlm2", k1, 3e6, k=1, variant="K=1")
+            + probed("ponderlm2", k3, 10e6, k=3, variant="K=3")
+            + probed("ponderlm3", p3, p3_flops, k=3, variant="K=3 penalty=0.03", steps=steps, rho=list(rho)))
+
+
+@pytest.mark.parametrize("k1, k3, expected", [
+    ((0.30, 0.32, 0.31), (0.50, 0.52, 0.49), SUPPORTED),
+    ((0.05, 0.06, 0.07), (0.50, 0.52, 0.49), CONTRADICTED),     # K=1 below vanilla
+    ((0.30, 0.10, 0.31), (0.50, 0.52, 0.49), INCONCLUSIVE),     # K=1 - vanilla straddles 0
+])
+def test_d1_verdicts(k1, k3, expected):
+    assert verdict(claims.claim_d1, probe_arms(k1=k1, k3=k3)) == expected
+
+
+def test_d1_headers_say_accuracy_and_need_the_arms():
+    v = claims.claim_d1(claims.arms_of(probe_arms()))
+    assert "deepest-h accuracy" in v.evidence[0]
+    assert verdict(claims.claim_d1, probed("vanilla", (0.1, 0.1, 0.1), 1e6)) == NOT_TESTABLE
+
+
+@pytest.mark.parametrize("steps, rho, expected", [
+    ({0: 0.5, 1: 1.0, 2: 1.5, 3: 2.0}, (0.3, 0.35, 0.4), SUPPORTED),
+    ({0: 2.0, 1: 1.0, 2: 1.0, 3: 1.0}, (0.3, 0.35, 0.4), CONTRADICTED),   # fewer steps on answers
+    ({0: 0.5, 1: 1.0, 2: 1.5, 3: 2.0}, (-0.3, 0.35, 0.1), INCONCLUSIVE),
+])
+def test_d2_verdicts(steps, rho, expected):
+    assert verdict(claims.claim_d2, probe_arms(p3_steps=steps, rho=rho)) == expected
+
+
+def test_d2_without_ponderlm3_is_not_testable():
+    assert verdict(claims.claim_d2, probed("vanilla", (0.1, 0.1, 0.1), 1e6)) == NOT_TESTABLE
+
+
+@pytest.mark.parametrize("p3, p3_flops, expected", [
+    ((0.50, 0.52, 0.495), 5e6, SUPPORTED),
+    ((0.50, 0.52, 0.495), 9.8e6, CONTRADICTED),     # no cheaper
+    ((0.30, 0.32, 0.29), 5e6, CONTRADICTED),         # 20 points below
+    ((0.60, 0.40, 0.49), 5e6, INCONCLUSIVE),
+])
+def test_d3_verdicts(p3, p3_flops, expected):
+    assert verdict(claims.claim_d3, probe_arms(p3=p3, p3_flops=p3_flops)) == expected
+
+
+def test_depth_probe_appears_only_for_runs_with_difficulty_metrics():
+    plain = claims.arms_of(p2() + seeds("vanilla", (4.1, 4.1, 4.1), 1e6))
+    assert claims.evaluate_probe(plain) == []
+    text = claims.markdown(plain, claims.evaluate_claims(plain), "plain")
+    assert "D1" not in text and "probe of mechanisms" not in text
+    probe = claims.arms_of(probe_arms())
+    text = claims.markdown(probe, claims.evaluate_claims(probe), "probe")
+    assert text.startswith(claims.PROBE_LINE)
+    assert "## Depth probe" in text and "| D1 (depth probe) | **supported** | 3 |" in text
+    assert "acc h=3" in text

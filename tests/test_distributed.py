@@ -41,11 +41,13 @@ REL_TOL = 1e-5  # see the module docstring
 TINY = ["data.vocab_size=512", "train.seq_len=32", "train.batch_size=4", "train.checkpoint_every=4",
         "train.log_every=1", "train.eval_tokens=1024", "train.device=cpu", "ponderlm3:latent_steps=2",
         "vanilla:train.batch_size=2", "vanilla:train.grad_accum=2"]
-BUDGET = 2e9  # the tokens protocol: 9 steps for both methods
+BUDGET = 4.7e9  # the tokens protocol: 9 steps for both methods at pico
 
 
 def _curve(folder):
-    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    """Every metrics line's training or learning-curve loss, in order."""
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [line.get("loss", line.get("val_loss")) for line in lines]
 
 
 def _close(a, b, rel=REL_TOL):
@@ -153,7 +155,8 @@ def test_killed_worker_resumes_and_ends_where_an_unbroken_run_does(swept, fsdp, 
                                                                              max_failures=1), progress=False)
     assert json.loads((folder / FAULT_MARKER).read_text())["step"] == 6  # the worker did die
     assert _curve(folder) == _curve(unbroken_folder)
-    assert [json.loads(line)["step"] for line in (folder / "metrics.jsonl").open()] == list(range(1, 10))
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").open()]
+    assert [line["step"] for line in lines if "loss" in line] == list(range(1, 10))  # training lines, once each
     for key in ("val_loss", "train_flops", "train_steps", "infer_flops_per_token", "mean_extra_steps"):
         assert result[key] == unbroken[key], key
     written = (folder / "result.json").stat().st_mtime_ns

@@ -44,11 +44,11 @@ LIMIT = 3
 def jobs(small_corpus, tmp_path_factory):
     """{"vanilla": DIR, "ponderlm3": DIR}: tiny jobs with seq_len 32 on the small corpus."""
     data = DataConfig(source=small_corpus, vocab_size=512)
-    train = TrainConfig(seq_len=SEQ_LEN, batch_size=4, eval_tokens=2048)
+    train = TrainConfig(seq_len=SEQ_LEN, batch_size=4, eval_tokens=2048, curve_points=0)
     folders = {}
     for method, model in (("vanilla", {}), ("ponderlm3", {"latent_steps": 2})):
         folder = tmp_path_factory.mktemp(f"job_{method}")
-        train_job(Job(method=method, budget=3e9, size="pico", model=model, data=data, train=train), folder,
+        train_job(Job(method=method, budget=7e9, size="pico", model=model, data=data, train=train), folder,
                   progress=False)
         folders[method] = folder
     return folders

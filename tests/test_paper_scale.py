@@ -143,7 +143,8 @@ def test_a_sweep_skips_the_invalid_rung_too(tmp_path, capsys):
 
 def test_mor_holds_a_third_of_the_middle_layers_and_is_skipped_where_it_cannot():
     # Middle-Cycle sharing at R=3 (mixture_of_recursions, model/sharing_strategy/llama.py): the shared block holds
-    # (L-2)/R layers. At 2.8b (L=32) that drops 20 of vanilla's 30 middle layers; 410m (L=24) cannot split.
+    # (L-2)/R layers. At 2.8b (L=32) that drops the MLPs and norms of 20 of vanilla's 30 middle layers (expert-choice
+    # keeps an attention per recursion, as the reference: baselines/mor.py); 410m (L=24) cannot split.
     plan = _plan(methods=["vanilla", "mor"], sizes=["410m", "2.8b"], vary=["mor:recursions=3"])
     jobs = {(j.method, j.size): j for j in plan.jobs}
     assert set(jobs) == {("vanilla", "410m"), ("vanilla", "2.8b"), ("mor", "2.8b")}
@@ -151,8 +152,8 @@ def test_mor_holds_a_third_of_the_middle_layers_and_is_skipped_where_it_cannot()
     vanilla, mor = jobs["vanilla", "2.8b"].non_embedding_params, jobs["mor", "2.8b"].non_embedding_params
     assert mor <= 0.6 * vanilla
     d, d_ff = SIZES["2.8b"].d_model, SIZES["2.8b"].d_ff
-    layer = 4 * d * d + 3 * d * d_ff + 2 * d  # attention, SwiGLU MLP, two RMSNorms
-    routers = mor - (vanilla - 20 * layer)
+    shared = 3 * d * d_ff + 2 * d  # what recursions share: the SwiGLU MLP and the two RMSNorms
+    routers = mor - (vanilla - 20 * shared)
     assert 0 <= routers <= 3 * (d + 1)  # the rest is MoR's routers: at most Linear(d, 1) per recursion
 
 

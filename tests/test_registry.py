@@ -66,7 +66,7 @@ def test_cli_string_overrides_are_coerced():
 
 def test_size_ladder_spans_cpu_to_pythia():
     small = registry.build("vanilla", size="pico", overrides={"vocab_size": 512})
-    assert small.num_params() < 400_000  # CPU rungs train in minutes (pico: 5 layers of width 64)
+    assert small.num_params() < 1_000_000  # CPU rungs train in minutes (pico: 3 layers of width 128)
     expected = {"70m": 70e6, "160m": 160e6, "410m": 410e6, "1b": 1.0e9, "1.4b": 1.4e9, "2.8b": 2.8e9}
     for name, params in expected.items():
         size = SIZES[name]

@@ -284,3 +284,26 @@ def test_tokens_caption_says_same_tokens_and_gives_the_count(tmp_path):
         assert store.append(_record(method, size, 0, 50.0, 6.0e5, 5.6e5, match="tokens", tokens=tokens))
     text = report.make_table(tmp_path / "per_size", "md")
     assert "at each size every method trained on the same tokens" in text and "1k at pico, 4k at nano" in text
+
+
+def _probed(method, seed, acc, flops, variant=None, steps=None):
+    record = _record(method, "pico", seed, 40.0 - seed, flops, 5.6e5, variant=variant)
+    table = {"0": {"n": 900, "accuracy": 0.3, "nll": 4.0},
+             **{str(h): {"n": 30, "accuracy": acc + 0.1 * (3 - h), "nll": 1.0} for h in (1, 2, 3)}}
+    if steps is not None:
+        for h in range(4):
+            table[str(h)]["mean_steps"] = steps + 0.5 * h
+    record.update(difficulty=table, difficulty_max_h=3, deepest_h_accuracy=acc)
+    return record
+
+
+def test_depth_probe_plot_only_when_runs_carry_difficulty_metrics(runs_dir, tmp_path):
+    assert report.DEPTH_PROBE_PNG not in report.figures(report.load_runs(runs_dir))  # plain runs: none
+    probe = tmp_path / "probe"
+    store = ResultsStore(probe)
+    for seed in range(3):
+        assert store.append(_probed("vanilla", seed, 0.1 + 0.01 * seed, 1e6))
+        assert store.append(_probed("ponderlm3", seed, 0.4 + 0.01 * seed, 5e6, "K=3", steps=0.5 + 0.1 * seed))
+    paths = {p.name for p in report.make_plots(probe)}
+    assert report.DEPTH_PROBE_PNG in paths
+    assert (probe / report.DEPTH_PROBE_PNG).read_bytes().startswith(PNG_SIGNATURE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import numpy as np
 
 from harness.core.errors import DataError
 from harness.core.io import file_lock, write_bytes_atomic
+from harness.data import synthetic
 from harness.data.config import (
     BPE_MAX_CHARS,
     CHUNK_CHARS,
@@ -39,6 +41,9 @@ class TokenizedCorpus:
     tokenizer: Tokenizer
     name: str           # short description of the source
     meta: dict = field(default_factory=dict)  # shard meta (documents, characters, cache folder, ...)
+    # difficulty of each validation token as a target (int8, aligned with ``val``; synthetic sources only:
+    # harness.data.synthetic), None for natural text
+    val_difficulty: np.ndarray | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -210,6 +215,9 @@ def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike | None = None) -> 
     """Load (tokenising and caching on first use) the corpus described by ``cfg``."""
     if not isinstance(cfg, DataConfig):
         raise TypeError(f"load_corpus expects a DataConfig, got {type(cfg).__name__}")
+    if synthetic.is_synthetic(cfg.source):  # filler and tokenizer: the embedded corpus
+        return synthetic_corpus(cfg, load_corpus(dataclasses.replace(cfg, source="embedded", val_source=""),
+                                                 cache_dir))
     cache = _prepare_cache(cache_dir)
     src = _resolve_source(cfg)
     split = make_split(cfg, src)
@@ -230,3 +238,11 @@ def load_corpus(cfg: DataConfig, cache_dir: str | os.PathLike | None = None) -> 
     return TokenizedCorpus(train=train, val=val, tokenizer=tok, name=src.name, meta=meta)
 
 
+
+
+def synthetic_corpus(cfg: DataConfig, base: TokenizedCorpus) -> TokenizedCorpus:
+    """The corpus of a ``synthetic:`` source (harness.data.synthetic) with filler from ``base``, carrying
+    ``val_difficulty``; generated in memory on each load (deterministic from the source string)."""
+    built = synthetic.build(cfg.source, base.train, base.val, base.tokenizer)
+    return TokenizedCorpus(train=built.train, val=built.val, tokenizer=base.tokenizer, name=built.name,
+                           meta=dict(built.meta, filler_from=base.name), val_difficulty=built.val_difficulty)

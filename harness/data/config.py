@@ -11,6 +11,7 @@ import numpy as np
 
 from harness.core.config import CPU_VOCAB_SIZE, require
 from harness.core.errors import DataError
+from harness.data import synthetic
 
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS_TOKEN,)
@@ -50,6 +51,8 @@ class DataConfig:
         check = functools.partial(require, self, error=DataError)
         check("source", isinstance(self.source, str) and bool(self.source.strip()),
               "give 'embedded', a path to a .txt/.jsonl/.parquet file or directory, or 'hf:<dataset>'")
+        if self.source.strip().startswith("synthetic:"):
+            synthetic.parse(self.source)  # a bad synthetic source fails here, with one line
         check("val_source", isinstance(self.val_source, str),
               "give '' (hold out val_fraction of source) or a source in the same forms as DataConfig.source")
         check("text_field", isinstance(self.text_field, str) and bool(self.text_field),

@@ -28,6 +28,9 @@ means, never through single seeds.
 * ``preconditions.png``: the preconditions' paired differences (:func:`harness.claims.precondition_pairs`)
   along the same curves, mean and 95% band over the common seeds, with 0 marked: below it the
   precondition holds at that point. Both are written when some run has a curve.
+* ``depth_probe.png``: only when runs carry metrics by difficulty (a ``synthetic:`` source, the study
+  ``depth-probe``): accuracy against hops h per arm with 95% seed bands, mean deployed extra steps against h
+  for the methods that report steps (h = 0 the filler), deepest-h accuracy against measured inference FLOPs.
 
 ``python -m harness table DIR [--format md|latex|csv] [--out FILE]`` prints (or writes) the table:
 method, size, parameters, inference FLOPs/token (measured), perplexity, bits per byte ("–" for runs
@@ -65,6 +68,7 @@ from harness.report.html import REPORT_HTML, render_html, write_html
 from harness.report.plots import (
     BPB_PNG,
     CURVES_PNG,
+    DEPTH_PROBE_PNG,
     PARETO_PNG,
     PLOTS,
     PRECONDITIONS_PNG,
@@ -75,6 +79,7 @@ from harness.report.plots import (
     method_frontiers,
     pareto_front,
     plot_curves,
+    plot_depth_probe,
     plot_figure,
     plot_points,
     plot_preconditions,
@@ -100,8 +105,9 @@ def write_reports(folder: str | os.PathLike) -> list[pathlib.Path]:
     return paths
 
 
-__all__ = ["BPB_PNG", "CI_KEYS", "CURVES_PNG", "FORMATTERS", "PARETO_PNG", "PLOTS", "PRECONDITIONS_PNG", "REPORT_HTML",
-           "TABLE_FILES", "TRAIN_PNG", "PlotSpec", "ReportError", "Runs", "aggregate", "display_name", "figures",
-           "load_runs", "make_plots", "make_table", "method_colour", "method_frontiers", "pareto_front",
-           "plot_curves", "plot_figure", "plot_points", "plot_preconditions", "render_html", "render_pngs",
-           "table_csv", "table_latex", "table_markdown", "write_html", "write_reports"]
+__all__ = ["BPB_PNG", "CI_KEYS", "CURVES_PNG", "DEPTH_PROBE_PNG", "FORMATTERS", "PARETO_PNG", "PLOTS",
+           "PRECONDITIONS_PNG", "REPORT_HTML", "TABLE_FILES", "TRAIN_PNG", "PlotSpec", "ReportError", "Runs",
+           "aggregate", "display_name", "figures", "load_runs", "make_plots", "make_table", "method_colour",
+           "method_frontiers", "pareto_front", "plot_curves", "plot_depth_probe", "plot_figure", "plot_points",
+           "plot_preconditions", "render_html", "render_pngs", "table_csv", "table_latex", "table_markdown",
+           "write_html", "write_reports"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness import stats
-from harness.claims import Arm, arms_of, curve_comparison, precondition_pairs
+from harness.claims import Arm, arms_of, curve_comparison, has_difficulty, precondition_pairs
 from harness.core.errors import ReportError
 from harness.core.io import write_bytes_atomic
 from harness.report.runs import Runs, _groups, _missing, _si, _size_rank, aggregate, load_runs
@@ -539,6 +539,83 @@ def plot_preconditions(runs: Runs) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------
+# the depth probe (runs with metrics by difficulty: harness.data.synthetic, harness.evaluate)
+
+DEPTH_PROBE_PNG = "depth_probe.png"
+
+
+def _by_h(arm: Arm, key: str) -> tuple[list[int], list[stats.Interval]]:
+    """Per h > 0, the 95% t interval over seeds of ``difficulty[h][key]`` (at the h every seed has)."""
+    runs = [r for r in arm.runs if isinstance(r.get("difficulty"), dict)]
+    levels = sorted({int(h) for r in runs for h in r["difficulty"] if h != "0"})
+    hs, intervals = [], []
+    for h in levels:
+        values = [r["difficulty"][str(h)][key] for r in runs if key in r["difficulty"].get(str(h), {})]
+        if values and len(values) == len(runs):
+            hs.append(h)
+            intervals.append(stats.t_interval(values))
+    return hs, intervals
+
+
+def plot_depth_probe(runs: Runs) -> Any:
+    """Three panels: accuracy against h per arm (band: 95% t over seeds); mean deployed extra steps against h
+    for the methods that report steps (h = 0 is the filler); deepest-h accuracy against measured inference
+    FLOPs per token (error bars: 95% t over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = sorted((a for a in arms_of(runs.records) if any(isinstance(r.get("difficulty"), dict) for r in a.runs)),
+                  key=lambda a: (a.method, a.variant, _size_rank(a.size)))
+    if not arms:
+        raise ReportError(f"no finished job in {runs.folder} has metrics by difficulty (a synthetic: source)")
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.5), squeeze=False)
+    acc_ax, steps_ax, flops_ax = axes[0]
+    styles: dict[str, dict[str, str]] = {}
+    for arm in arms:
+        within = styles.setdefault(arm.method, {})
+        style = within.setdefault(f"{arm.variant}@{arm.size}", LINE_STYLES[len(within) % len(LINE_STYLES)])
+        colour, label = method_colour(arm.method), _arm_label(arm)
+        hs, intervals = _by_h(arm, "accuracy")
+        if hs:
+            _band(acc_ax, hs, intervals, colour, style, f"{label} (n={intervals[-1].n})")
+        if any("mean_steps" in row for r in arm.runs for row in (r.get("difficulty") or {}).values()):
+            zero = [r["difficulty"]["0"]["mean_steps"] for r in arm.runs
+                    if "mean_steps" in (r.get("difficulty") or {}).get("0", {})]
+            hs, intervals = _by_h(arm, "mean_steps")
+            if zero and len(zero) == len(arm.runs):
+                hs, intervals = [0, *hs], [stats.t_interval(zero), *intervals]
+            if hs:
+                _band(steps_ax, hs, intervals, colour, style, label)
+        accuracy, flops = stats.t_interval(arm.values("deepest_h_accuracy")), arm.values("infer_flops_per_token")
+        if accuracy.n and flops:
+            flops_iv = stats.t_interval(flops)
+            flops_ax.errorbar([flops_iv.mean], [accuracy.mean],
+                              yerr=[[accuracy.half_width if accuracy.n >= 2 else 0.0]] * 2,
+                              xerr=[[flops_iv.half_width if flops_iv.n >= 2 else 0.0]] * 2,
+                              fmt=MARKERS[_size_rank(arm.size) % len(MARKERS)], color=colour, capsize=3,
+                              label=label)
+    acc_ax.set_xlabel("hops h")
+    acc_ax.set_ylabel("accuracy (greedy next token = answer)")
+    acc_ax.set_title("Accuracy by difficulty: mean over seeds, band: 95% t")
+    steps_ax.set_xlabel("hops h (0 = filler)")
+    steps_ax.set_ylabel("mean deployed extra steps")
+    steps_ax.set_title("Where the adaptive methods spend steps")
+    flops_ax.set_xscale("log")
+    flops_ax.set_xlabel("measured inference FLOPs per token")
+    flops_ax.set_ylabel("accuracy at the deepest h")
+    flops_ax.set_title("Deepest-h accuracy against inference FLOPs")
+    for ax in axes[0]:
+        ax.grid(True, alpha=0.3)
+    acc_ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False, ncol=2)
+    if steps_ax.lines:
+        steps_ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
 # files
 
 
@@ -574,6 +651,8 @@ def figures(runs: Runs) -> dict[str, Any]:
         pairs = precondition_pairs(arms_of(runs.records))
         if any(len(curve_comparison(a, b)) >= 2 for _, a, b in pairs):
             out[PRECONDITIONS_PNG] = lambda: plot_preconditions(runs)
+    if has_difficulty(arms_of(runs.records)):
+        out[DEPTH_PROBE_PNG] = lambda: plot_depth_probe(runs)
     return out
 
 
