@@ -20,6 +20,7 @@ from tests.browser import Browser, find_chromium
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT / "results" / "calibration" / "lr3e-3"
+REFERENCE = ROOT / "results" / "reference"
 STUDY = """# a synthetic study: every section of the page has something to show
 description = "Synthetic sweep: vanilla at two sizes, PonderLM-2 and PonderLM-3 (two penalties) at pico, three seeds."
 protocol = "tokens"
@@ -91,13 +92,15 @@ def sweep_dir(tmp_path):
     return make_sweep(tmp_path / "synthetic")
 
 
-@pytest.fixture
-def calibration_dir(tmp_path):
-    """A copy of results/calibration/lr3e-3 (a finished sweep with learning curves), without the checkpoints."""
-    if not (CALIBRATION / "runs.jsonl").exists():
-        pytest.skip(f"{CALIBRATION} is not in this checkout")
-    target = tmp_path / "lr3e-3"
-    shutil.copytree(CALIBRATION, target, ignore=shutil.ignore_patterns("checkpoint", "*.png", "report.html"))
+@pytest.fixture(params=["calibration", "reference"])
+def calibration_dir(tmp_path, request):
+    """A copy of a committed sweep (results/calibration/lr3e-3, with learning curves; results/reference, the
+    `paper` study), without checkpoints, plots or page."""
+    source = {"calibration": CALIBRATION, "reference": REFERENCE}[request.param]
+    if not (source / "runs.jsonl").exists():
+        pytest.skip(f"{source} is not in this checkout")
+    target = tmp_path / source.name
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("jobs", "checkpoint", "*.png", "report.html"))
     return target
 
 
@@ -197,14 +200,15 @@ def test_synthetic_sweep_report_opens_in_chromium(sweep_dir):
 
 @needs_browser
 def test_calibration_report_opens_in_chromium(calibration_dir):
-    """A real sweep's folder (results/calibration/lr3e-3, copied); the screenshot goes to HARNESS_REPORT_SCREENSHOT
-    when set (how results/reference/report.png is made), else beside the copy."""
+    """A real sweep's folder (copied); the screenshot goes to HARNESS_REPORT_SCREENSHOT_<NAME> when set (how
+    results/reference/report.png is made: HARNESS_REPORT_SCREENSHOT_REFERENCE), else beside the copy."""
     report.write_reports(calibration_dir)
-    shot = pathlib.Path(os.environ.get("HARNESS_REPORT_SCREENSHOT") or calibration_dir / "report.png")
+    name = f"HARNESS_REPORT_SCREENSHOT_{calibration_dir.name.upper().replace('-', '_')}"
+    shot = pathlib.Path(os.environ.get(name) or calibration_dir / "report.png")
     tables = _check_in_browser(calibration_dir, shot)
     records = list(ResultsStore(calibration_dir).latest().values())
-    assert sorted(tables["results"]) == sorted(style.display_name(r["method"], r["tags"].get("variant"))
-                                               for r in records)
+    arms = {(r["method"], r["tags"].get("variant"), r["size"]) for r in records}  # a row per arm, seeds together
+    assert sorted(tables["results"]) == sorted(style.display_name(method, variant) for method, variant, _ in arms)
     assert sorted(tables["jobs"]) == sorted(r["job_id"] for r in records)
 
 
