@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -92,6 +93,10 @@ def evaluate_downstream(folder: str | pathlib.Path, tasks: list[str], num_fewsho
     resolved = {name: downstream.resolve_tasks([name], tm=tm) for name in names}
     label = {task: name for name, found in resolved.items() for task in found}
 
+    # lm-eval bootstraps stderrs in a forked process pool; a fork of a process with running threads (Ray, torch,
+    # TensorBoard writers) can deadlock in the child, and it did in the test suite. Its own switch keeps the
+    # bootstrap in this process (1000 resamples: milliseconds). A user's own setting wins.
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
     lm = HarnessLM(checkpoint=folder, batch_size=batch_size, progress=progress)
     results: dict[str, dict[str, float]] = {}
     for task in dict.fromkeys(t for found in resolved.values() for t in found):
