@@ -160,6 +160,7 @@ class AdaPonder(LanguageModel):
     """
 
     Config = AdaPonderConfig
+    depth_baseline = True  # claim C2 compares PonderLM-3 with it at equal FLOPs
     reference_weight_decay = 0.01  # no public recipe: PonderLM-1's, which it extends (train_ponderlm_*.sh)
     adaptive = True
     test_variants = {"n1": {"max_iterations": 1},
@@ -386,7 +387,8 @@ class AdaPonder(LanguageModel):
                 total += queries * self.mixture_flops()
         return total
 
-    def decode_flops(self, steps: torch.Tensor | None, valid: torch.Tensor | None = None) -> float:
+    def decode_flops(self, steps: torch.Tensor | None, valid: torch.Tensor | None = None,
+                     participation: torch.Tensor | None = None) -> float:
         depths = steps + 1 if valid is None else torch.where(valid, steps + 1, 0)
         return self.analytic_flops_for_depths(depths)
 

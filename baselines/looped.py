@@ -61,6 +61,7 @@ class Looped(LanguageModel):
     """
 
     Config = LoopedConfig
+    depth_baseline = True  # claim C2 compares PonderLM-3 with it at equal FLOPs
     reference_weight_decay = 0.1  # PonderLM-2 repo, scripts/train_loop_llama_1_4b.sh (Table 3; its 410m one: 0.01)
     test_variants = {"loops0": {"loops": 0}, "loops1": {"loops": 1}}
 

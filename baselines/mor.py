@@ -287,6 +287,7 @@ class MixtureOfRecursions(LanguageModel):
     """
 
     Config = MoRConfig
+    depth_baseline = True  # claim C2 compares PonderLM-3 with it at equal FLOPs
     reference_weight_decay = 0.1  # mixture_of_recursions, conf/pretrain/*_smollm-360m_*.yaml
     adaptive = True
     # n_layers - 2 = 3 splits into the default 3 recursions (the contract's tiny config has 3 layers)
@@ -621,7 +622,8 @@ class MixtureOfRecursions(LanguageModel):
         total += self._router_flops([float((real & (d >= r - 1)).sum()) for r in range(1, cfg.recursions + 1)])
         return total + compute.head_flops(cfg.d_model, cfg.vocab_size, n_real)
 
-    def decode_flops(self, steps: torch.Tensor | None, valid: torch.Tensor | None = None) -> float:
+    def decode_flops(self, steps: torch.Tensor | None, valid: torch.Tensor | None = None,
+                     participation: torch.Tensor | None = None) -> float:
         depths = steps + 1 if valid is None else torch.where(valid, steps + 1, 0)
         return self.analytic_flops_for_depths(depths)
 

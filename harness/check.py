@@ -86,6 +86,13 @@ def steps_of(out, like: torch.Tensor) -> torch.Tensor:
     return out.steps if out.steps is not None else torch.zeros(like.shape, dtype=torch.long)
 
 
+def same_participation(a, b) -> bool:
+    """Two outputs report the same routed units per token (or both report none)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------------------
 # assertions with messages
 
@@ -140,6 +147,16 @@ def check_cached_decoding(name: str, overrides: dict[str, Any]) -> None:
     require(torch.equal(torch.stack([steps_of(f, f.logits[..., 0])[:, -1] for f in fresh], dim=1), steps),
             "the extra steps per token differ between recomputed prefixes and one decode",
             "a token's routing/halting decision must depend on its prefix only")
+    if whole.participation is not None:
+        routing_fix = "a token's per-layer routing must depend on its prefix only, not on how it was fed"
+        require(all(p.participation is not None for p in pieces + fresh)
+                and torch.equal(torch.cat([p.participation for p in pieces], dim=1), whole.participation),
+                "the routed units per token (participation) differ between cached pieces and one decode", routing_fix)
+        require(torch.equal(torch.stack([f.participation[:, -1] for f in fresh], dim=1), whole.participation),
+                "the routed units per token (participation) differ between recomputed prefixes and one decode",
+                routing_fix)
+        require(same_participation(scored.participation, whole.participation[:, :-1]),
+                "score reports other participation than decode", "do not override score")
     expected = torch.log_softmax(whole.logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
     close(scored.logprobs, expected, "score's log-probabilities are not those of decode's logits",
           "do not override score, or make it return log_softmax of decode's logits at the targets")
@@ -167,6 +184,9 @@ def check_causality(name: str, overrides: dict[str, Any]) -> None:
           atol=1e-5, rtol=1e-5)
     require(torch.equal(steps_of(a, ids)[:, :7], steps_of(b, ids)[:, :7]),
             "steps of positions 0-6 change when tokens 7-11 change", fix)
+    if a.participation is not None:
+        require(b.participation is not None and torch.equal(a.participation[:, :7], b.participation[:, :7]),
+                "the routed units (participation) of positions 0-6 change when tokens 7-11 change", fix)
     require((a.logprobs[:, 7:] - b.logprobs[:, 7:]).abs().amax() > 1e-4,
             "changing tokens 7-11 changes none of their own scores: the model ignores its input",
             "decode must compute logits from the given tokens")
@@ -196,8 +216,12 @@ def check_padding(name: str, overrides: dict[str, Any]) -> None:
                     f"row {i} takes other steps padded in a batch than alone", fix)
             require(batched.logprobs[i, n:].eq(0).all() and steps_of(batched, targets)[i, n:].eq(0).all(),
                     f"row {i} reports non-zero scores or steps at padding", fix)
+            if batched.participation is not None:
+                require(same_participation(batched.participation[i, :n], single.participation[0]),
+                        f"row {i} runs other routed units padded in a batch than alone", fix)
     same_flops(ledger.totals.forward_flops, flops, "a padded batch costs more than its rows scored alone", fix)
-    same_flops(ledger.totals.forward_flops, model.decode_flops(steps_of(batched, targets), targets != IGNORE_INDEX),
+    same_flops(ledger.totals.forward_flops,
+               model.decode_flops(steps_of(batched, targets), targets != IGNORE_INDEX, batched.participation),
                "a padded batch's ledger FLOPs differ from decode_flops(steps, valid)",
                "make decode_flops count only the real tokens of each row at the steps they took")
     require(ledger.totals.tokens == sum(lengths),
@@ -224,7 +248,7 @@ def check_inference_flops(name: str, overrides: dict[str, Any]) -> None:
         require(ledger.totals.tokens == b * t, f"the ledger counted {ledger.totals.tokens} tokens, not {b * t}",
                 "do not override score, or call compute.record_tokens with the number of targets")
         steps = steps_of(out, targets)
-        same_flops(ledger.totals.forward_flops, model.decode_flops(steps),
+        same_flops(ledger.totals.forward_flops, model.decode_flops(steps, None, out.participation),
                    "score's ledger FLOPs differ from decode_flops(steps)", flops_fix)
         return ledger.totals.forward_flops, steps
 

@@ -34,7 +34,8 @@ Claims and the decisions taken where the papers give no number (each printed wit
 * C1 (premise P2: it compares two pondering models): PonderLM-3 minus PonderLM-2 K=3 in loss below ln(1.01)
   and PonderLM-3's FLOPs at most 0.9 of PonderLM-2's (per-seed ratio); supported if some arm meets both.
 * C2 (premise P2): at equal FLOPs (PonderLM-3 within 2% of the baseline's, or below) PonderLM-3's loss is
-  lower than looped's, MoR's and gated adaptive depth's; a baseline is beaten when some such PonderLM-3
+  lower than every recursive or adaptive-depth baseline's (methods declaring ``depth_baseline``: looped, MoR,
+  gated adaptive depth, recurrent depth, CoTFormer, Mixture-of-Depths); a baseline is beaten when some such PonderLM-3
   arm's interval is wholly below it, and wins when an arm with at least its FLOPs is wholly above.
 * C3: Spearman's rho between a token's extra steps and its NLL > 0 over the PonderLM-3 runs whose steps
   vary, and mean steps of the rarest tenth of token occurrences above the most frequent tenth
@@ -46,6 +47,8 @@ Claims and the decisions taken where the papers give no number (each printed wit
 
 The depth probe (only for runs whose data carry difficulty labels, a ``synthetic:`` source; claims.md then
 says first that the study is a probe of mechanisms, not the paper's claim):
+* D0, the probe's precondition (premise of D1-D3): vanilla at the smallest size solves h = 1 (accuracy interval
+  above 0.8) and fails the deepest h (interval below 0.6); otherwise the probe cannot tell methods apart.
 * D1: deepest-h accuracy rises vanilla -> PonderLM-2 K=1 -> K=3 at one size (each step paired, > 0).
 * D2: over PonderLM-3 runs, Spearman(extra steps, h) on answer tokens > 0 and mean steps on answers minus
   filler > 0, each by its 95% interval over runs.
@@ -63,8 +66,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness import stats
+from harness.core import registry
 from harness.core.config import SIZES
-from harness.core.errors import ReportError
+from harness.core.errors import ReportError, UnknownMethodError
 from harness.core.io import write_bytes_atomic
 from harness.results import OK, ResultsStore
 from harness.stats import CONTRADICTED, INCONCLUSIVE, INDICATIVE, SUPPORTED, Interval
@@ -381,14 +385,24 @@ def _against(p3s: list[Arm], base: Arm) -> tuple[str, list[Comparison]]:
     return (INDICATIVE if outcomes and all(o == INDICATIVE for o in outcomes) else INCONCLUSIVE), comparisons
 
 
+def is_depth_baseline(arm: Arm) -> bool:
+    """The arm's method declares itself a recursive or adaptive-depth baseline (``depth_baseline`` in
+    models/base.py); a method no longer installed counts as none."""
+    try:
+        return bool(registry.get(arm.method).cls.depth_baseline)
+    except UnknownMethodError:
+        return False
+
+
 def claim_c2(arms: list[Arm]) -> Verdict:
     v = Verdict("C2", "At equal measured inference FLOPs, PonderLM-3 has lower perplexity than the recursive and "
-                "adaptive baselines (looped, MoR, gated adaptive depth).", NOT_TESTABLE,
+                "adaptive-depth baselines (every arm whose method declares ``depth_baseline``: looped, MoR, gated "
+                "adaptive depth, recurrent depth, CoTFormer, Mixture-of-Depths).", NOT_TESTABLE,
                 decision=f"per baseline, every PonderLM-3 arm at its size: beaten if an arm with at most its FLOPs "
                 f"(+{C2_FLOPS_TOLERANCE:.0%}) is wholly below it, winning if an arm with at least its FLOPs "
                 f"(-{C2_FLOPS_TOLERANCE:.0%}) is wholly above; every baseline must be beaten")
     comparisons, parts = [], []
-    for base in _pick(arms, lambda a: a.method in ("looped", "mor", "adaponder")):
+    for base in _pick(arms, is_depth_baseline):
         p3s = _pick(_ponderlm3(arms), lambda a, size=base.size: a.size == size)
         if not p3s:
             continue
@@ -493,12 +507,15 @@ def claim_c5(arms: list[Arm]) -> Verdict:
 # the depth probe (synthetic sources with known difficulty: harness.data.synthetic): D1-D3
 
 
+D0_SOLVED = 0.8   # D0: vanilla "solves" h = 1 when its accuracy interval lies above this
+D0_FAILS = 0.6    # and "fails" the deepest h when that interval lies below this
 D3_ACCURACY_TOLERANCE = 0.01  # "within 1 point" of accuracy
 D3_FLOPS_RATIO = 0.9
-PROBE_LINE = ("**This study is a probe of mechanisms, not the paper's claim**: its data are synthetic p-hop "
-              "induction items among filler (harness/data/synthetic.py), whose difficulty h is known by "
-              "construction; D1-D3 below read off whether extra steps solve deeper items and whether the adaptive "
-              "method spends them there. The preconditions and C0-C5 are computed on its loss like any study's.")
+PROBE_LINE = ("**This study is a probe of mechanisms, not the paper's claim**: its data are synthetic items "
+              "(p-hop induction or running modular sums) among filler (harness/data/synthetic.py), whose "
+              "difficulty h is known by construction; D0 checks that the probe discriminates, and D1-D3 read off "
+              "whether extra steps solve deeper items and whether the adaptive method spends them there. "
+              "The preconditions and C0-C5 are computed on its loss like any study's.")
 ACCURACY_HEADER = ["| comparison (deepest-h accuracy) | mean [95% t interval], n seeds | window bootstrap 95% | "
                    "detectable (half-width) | verdict |", "| --- | --- | --- | ---: | --- |"]
 
@@ -512,6 +529,34 @@ def _accuracy_finish(v: Verdict, comparisons: list[Comparison], verdict: str) ->
     v = _finish(v, comparisons, verdict)
     if comparisons:
         v.evidence[:len(COMPARISON_HEADER)] = ACCURACY_HEADER
+    return v
+
+
+def _accuracy_at(run: dict[str, Any], h: int) -> float | None:
+    row = (run.get("difficulty") or {}).get(str(h))
+    return float(row["accuracy"]) if isinstance(row, dict) and "accuracy" in row else None
+
+
+def precondition_d0(arms: list[Arm]) -> Verdict:
+    """The probe's own precondition: without it, D1-D3 read nothing (every arm at chance, or every arm solved)."""
+    v = Verdict("D0", "The probe discriminates: vanilla at the smallest size the study ran solves h=1 and fails the "
+                "deepest h.", NOT_TESTABLE,
+                decision=f"over vanilla's seeds at its smallest size, the 95% t interval of accuracy at h=1 lies above "
+                f"{D0_SOLVED:g} and that at the deepest h below {D0_FAILS:g}")
+    vanilla = sorted((a for a in _vanilla(arms).values() if a.values("deepest_h_accuracy")),
+                     key=lambda a: _rank(a.size))
+    if not vanilla:
+        v.evidence.append("needs vanilla with difficulty metrics")
+        return v
+    arm = vanilla[0]
+    first = stats.t_interval([x for x in (_accuracy_at(r, 1) for r in arm.runs) if x is not None])
+    deepest = stats.t_interval(arm.values("deepest_h_accuracy"))
+    parts = [stats.verdict_above(first, D0_SOLVED), stats.verdict_below(deepest, D0_FAILS)]
+    v.verdict, v.n = combine(parts), min(first.n, deepest.n)
+    v.evidence += [f"- {arm.name}, accuracy at h=1: {first.text(3, signed=False)}: "
+                   f"{stats.indicative_text(parts[0], first.n)} (> {D0_SOLVED:g})",
+                   f"- {arm.name}, accuracy at the deepest h: {deepest.text(3, signed=False)}: "
+                   f"{stats.indicative_text(parts[1], deepest.n)} (< {D0_FAILS:g})"]
     return v
 
 
@@ -609,8 +654,11 @@ PROBE_CLAIMS: tuple[Callable[[list[Arm]], Verdict], ...] = (claim_d1, claim_d2, 
 
 
 def evaluate_probe(arms: list[Arm]) -> list[Verdict]:
-    """D1-D3 where the runs carry difficulty metrics, else nothing."""
-    return [claim(arms) for claim in PROBE_CLAIMS] if has_difficulty(arms) else []
+    """D0 and D1-D3 (gated by D0) where the runs carry difficulty metrics, else nothing."""
+    if not has_difficulty(arms):
+        return []
+    d0 = precondition_d0(arms)
+    return [d0, *(gate(claim(arms), {"D0": d0}) for claim in PROBE_CLAIMS)]
 
 
 def probe_lines(arms: list[Arm]) -> list[str]:
@@ -635,7 +683,8 @@ def probe_lines(arms: list[Arm]) -> list[str]:
 PRECONDITIONS: tuple[Callable[[list[Arm]], Verdict], ...] = (precondition_p1, precondition_p2, precondition_p3)
 CLAIMS: tuple[Callable[[list[Arm]], Verdict], ...] = (claim_c0, claim_c1, claim_c2, claim_c3, claim_c4, claim_c5)
 #: the preconditions each claim rests on (module docstring)
-PREMISES: dict[str, tuple[str, ...]] = {"C0": ("P1",), "C1": ("P2",), "C2": ("P2",), "C4": ("P2",)}
+PREMISES: dict[str, tuple[str, ...]] = {"C0": ("P1",), "C1": ("P2",), "C2": ("P2",), "C4": ("P2",),
+                                        "D1": ("D0",), "D2": ("D0",), "D3": ("D0",)}
 
 
 def gate(claim: Verdict, preconditions: dict[str, Verdict]) -> Verdict:
@@ -739,7 +788,8 @@ def markdown(arms: list[Arm], verdicts: list[Verdict], title: str, preconditions
             "| | verdict | n (fewest paired seeds) |", "| --- | --- | ---: |"]
     out += [f"| {v.claim} (precondition) | **{v.display()}** | {v.n} |" for v in preconditions]
     out += [f"| {v.claim} | **{v.display()}** | {v.n} |" for v in verdicts]
-    out += [f"| {v.claim} (depth probe) | **{v.display()}** | {v.n} |" for v in probe]
+    out += [f"| {v.claim} (depth probe{', precondition' if v.claim == 'D0' else ''}) | **{v.display()}** | {v.n} |"
+            for v in probe]
     out += ["", "## Preconditions", ""]
     for v in preconditions:
         out += [f"### {v.claim}: {v.display()}", "", v.statement, "", f"*Test:* {v.decision}.", "", *v.evidence, ""]
@@ -764,7 +814,11 @@ def markdown(arms: list[Arm], verdicts: list[Verdict], title: str, preconditions
         out += ["", "## Depth probe", "", "Accuracy (greedy next token = the answer) by number of hops h, mean over "
                 "seeds:", "", *probe_lines(arms)]
         for v in probe:
-            out += ["", f"### {v.claim}: {v.display()}", "", v.statement, "", f"*Test:* {v.decision}.", "", *v.evidence]
+            premises = PREMISES.get(v.claim)
+            out += ["", f"### {v.claim}: {v.display()}", "", v.statement, ""]
+            if premises:
+                out += [f"*Premise:* {', '.join(premises)}.", ""]
+            out += [f"*Test:* {v.decision}.", "", *v.evidence]
     return "\n".join(out) + "\n"
 
 

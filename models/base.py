@@ -7,7 +7,8 @@ subclass), registered by name. It implements
 * :meth:`new_cache` and :meth:`decode` -- deployed inference, incremental with a KV cache
   (hard pruning, exact sequential latent steps, ...);
 * :meth:`analytic_flops_per_token` -- the FLOPs the tests compare with the ledger's measurement
-  (and :meth:`decode_flops`, the count for the steps actually taken, where they vary).
+  (and :meth:`decode_flops`, the count for what each token actually ran, where that varies: its extra
+  steps, and for per-layer routing its ``participation``, both reported by :meth:`decode`).
 
 :meth:`score` (per-token log-probabilities the way the method is deployed) and
 :meth:`train_flops_per_token` (for budget matching) follow from those and rarely need overriding.
@@ -21,7 +22,8 @@ Declarations (read by the harness and the contract tests, never guessed from nam
 * :meth:`training_flops_exact` -- whether the ledger's training count equals the analytic one;
 * ``bench_roles`` and ``fixed_twin`` -- the benchmarks a method takes part in (:data:`BENCH_ROLES`);
 * ``test_variants`` -- config overrides every contract test also runs (tests/test_contract.py);
-* ``reference_weight_decay`` -- the weight decay of the method's reference recipe (paper-scale plans).
+* ``reference_weight_decay`` -- the weight decay of the method's reference recipe (paper-scale plans);
+* ``depth_baseline`` -- a recursive or adaptive-depth baseline that claim C2 compares PonderLM-3 with.
 
 A plugin declares, for example::
 
@@ -81,6 +83,9 @@ class TrainOutput:
 class DecodeOutput:
     logits: torch.Tensor  # [B, n, V]: the next-token logits after each given token
     steps: torch.Tensor | None = None  # [B, n] extra steps taken per token, for adaptive methods
+    # [B, n, U] bool: the token ran routed unit u (a layer it may skip, as in Mixture-of-Depths). What a token
+    # ran is then part of the output, so decode_flops counts it without state kept in the model.
+    participation: torch.Tensor | None = None
 
 
 @dataclass
@@ -88,6 +93,7 @@ class ScoreOutput:
     logprobs: torch.Tensor  # [B, T] log p(target_t | inputs_<=t); 0 where the target is IGNORE_INDEX
     steps: torch.Tensor | None = None  # [B, T] extra steps per token (adaptive methods)
     greedy: torch.Tensor | None = None  # [B, T] argmax of the same deployed distributions (greedy next token)
+    participation: torch.Tensor | None = None  # [B, T, U] as DecodeOutput's; False at padding
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -109,6 +115,9 @@ class LanguageModel(nn.Module):
     # Overrides on top of the contract's tiny config under the defaults and every variant: a shape the
     # method's config allows (Mixture-of-Recursions needs n_layers - 2 to split into its recursions).
     test_base: ClassVar[dict[str, Any]] = {}
+    # A recursive or adaptive-depth baseline (shared-weight loops, recursions, routed or halted depth): claim C2
+    # compares PonderLM-3 with every such arm of a study at equal inference FLOPs (harness/claims.py).
+    depth_baseline: ClassVar[bool] = False
     # AdamW weight decay of the method's reference training recipe (its official script; None: none, the
     # scale's default applies). The plan's Pythia scale trains the method with it unless --set
     # train.weight_decay is given (harness/plan/ladder.py); the CPU rungs keep TrainConfig's for every method.
@@ -154,7 +163,8 @@ class LanguageModel(nn.Module):
         logprobs = torch.log_softmax(out.logits.float(), dim=-1)
         picked = logprobs.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
         steps = None if out.steps is None else out.steps.masked_fill(~valid, 0)
-        return ScoreOutput(picked.masked_fill(~valid, 0.0), steps, out.logits.argmax(-1))
+        ran = None if out.participation is None else out.participation & valid[..., None]
+        return ScoreOutput(picked.masked_fill(~valid, 0.0), steps, out.logits.argmax(-1), ran)
 
     # -- declarations -----------------------------------------------------------------------------
 
@@ -190,11 +200,14 @@ class LanguageModel(nn.Module):
         return self.decoder.analytic_forward_flops(
             seq_len, compute.causal_key_pairs(seq_len), seq_len) / seq_len
 
-    def decode_flops(self, steps: torch.Tensor | None, valid: torch.Tensor | None = None) -> float:
+    def decode_flops(self, steps: torch.Tensor | None, valid: torch.Tensor | None = None,
+                     participation: torch.Tensor | None = None) -> float:
         """Forward FLOPs of deployed decoding of fresh rows [B, T] whose tokens took ``steps`` extra steps.
 
-        ``valid`` marks real tokens (right padding). Here, a fixed-compute method: each row of n real
-        tokens costs n x analytic_flops_per_token(n), whatever ``steps`` says. Adaptive methods override.
+        ``valid`` marks real tokens (right padding); ``participation`` [B, T, U] is what :meth:`decode`
+        reported per routed unit (None for methods that report none). Here, a fixed-compute method: each row
+        of n real tokens costs n x analytic_flops_per_token(n), whatever ``steps`` says. Adaptive methods
+        override; ``harness check`` compares the result with the ledger's measurement.
         """
         shape = (steps if steps is not None else valid).shape
         lengths = [shape[-1]] * shape[0] if valid is None else valid.sum(dim=-1).tolist()

@@ -278,7 +278,8 @@ class PonderLM2(LanguageModel):
 
     # -- compute ----------------------------------------------------------------------------------
 
-    def decode_flops(self, steps: torch.Tensor, valid: torch.Tensor | None = None) -> float:
+    def decode_flops(self, steps: torch.Tensor, valid: torch.Tensor | None = None,
+                     participation: torch.Tensor | None = None) -> float:
         """Analytic FLOPs of decoding rows whose tokens took ``steps`` [B, T] extra steps.
 
         Every executed slot is a query that sees every executed slot of its row up to itself (pruned,

@@ -300,12 +300,15 @@ def test_claims_on_a_folder_without_runs_is_one_line(tmp_path):
 # -- the depth probe: D1-D3 (runs whose data carry difficulty labels) --------------------------------
 
 
-def probed(method, accuracies, flops, k=None, variant="", steps=None, rho=None, size="pico"):
-    """Seeds of an arm with difficulty metrics: ``accuracies`` is the deepest-h (h=3) accuracy per seed."""
+def probed(method, accuracies, flops, k=None, variant="", steps=None, rho=None, size="pico", first=None):
+    """Seeds of an arm with difficulty metrics: ``accuracies`` is the deepest-h (h=3) accuracy per seed,
+    ``first`` the h=1 accuracy per seed (default: 0.2 above the deepest)."""
     out = []
     for seed, acc in enumerate(accuracies):
         table = {"0": {"n": 900, "accuracy": 0.3, "nll": 4.0},
                  **{str(h): {"n": 30, "accuracy": min(1.0, acc + 0.1 * (3 - h)), "nll": 1.0} for h in (1, 2, 3)}}
+        if first is not None:
+            table["1"]["accuracy"] = first[seed]
         extra = {"difficulty": table, "difficulty_max_h": 3, "deepest_h_accuracy": acc}
         if steps is not None:
             for h, s in steps.items():
@@ -319,10 +322,35 @@ def probed(method, accuracies, flops, k=None, variant="", steps=None, rho=None, 
 def probe_arms(k1=(0.30, 0.32, 0.31), k3=(0.50, 0.52, 0.49), p3=(0.50, 0.52, 0.495), p3_flops=5e6,
                p3_steps=None, rho=(0.3, 0.35, 0.4)):
     steps = p3_steps if p3_steps is not None else {0: 0.5, 1: 1.0, 2: 1.5, 3: 2.0}
-    return (probed("vanilla", (0.10, 0.12, 0.11), 1e6)
+    return (probed("vanilla", (0.10, 0.12, 0.11), 1e6, first=(0.95, 0.97, 0.96))
             + probed("ponderlm2", k1, 3e6, k=1, variant="K=1")
             + probed("ponderlm2", k3, 10e6, k=3, variant="K=3")
             + probed("ponderlm3", p3, p3_flops, k=3, variant="K=3 penalty=0.03", steps=steps, rho=list(rho)))
+
+
+@pytest.mark.parametrize("first, deepest, expected", [
+    ((0.95, 0.97, 0.96), (0.10, 0.12, 0.11), SUPPORTED),
+    ((0.40, 0.42, 0.41), (0.10, 0.12, 0.11), CONTRADICTED),     # h=1 not solved: the probe is too hard
+    ((0.95, 0.97, 0.96), (0.90, 0.92, 0.91), CONTRADICTED),     # the deepest h solved: too easy
+    ((0.95, 0.70, 0.96), (0.10, 0.12, 0.11), INCONCLUSIVE),     # h=1's interval reaches below 0.8
+])
+def test_d0_the_probe_discriminates(first, deepest, expected):
+    arms = claims.arms_of(probed("vanilla", deepest, 1e6, first=first) + probed("vanilla", (0.5,) * 3, 2e6,
+                                                                               size="nano"))
+    v = claims.precondition_d0(arms)
+    assert v.verdict == expected and v.n == 3
+    assert "vanilla" in v.evidence[0] and "pico" in v.evidence[0]  # the smallest size is the one tested
+
+
+def test_a_failed_d0_makes_d1_to_d3_not_testable_in_this_regime():
+    arms = probe_arms()
+    for r in arms:
+        if r["method"] == "vanilla":
+            r["difficulty"]["1"]["accuracy"] = 0.3
+    probe = claims.evaluate_probe(claims.arms_of(arms))
+    assert [v.claim for v in probe] == ["D0", "D1", "D2", "D3"]
+    assert probe[0].verdict == CONTRADICTED
+    assert all(v.verdict == claims.NOT_IN_REGIME for v in probe[1:])
 
 
 @pytest.mark.parametrize("k1, k3, expected", [
@@ -372,4 +400,5 @@ def test_depth_probe_appears_only_for_runs_with_difficulty_metrics():
     text = claims.markdown(probe, claims.evaluate_claims(probe), "probe")
     assert text.startswith(claims.PROBE_LINE)
     assert "## Depth probe" in text and "| D1 (depth probe) | **supported** | 3 |" in text
+    assert "| D0 (depth probe, precondition) | **supported** | 3 |" in text
     assert "acc h=3" in text

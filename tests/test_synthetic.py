@@ -93,7 +93,56 @@ def test_deterministic_and_disjoint_train_and_validation():
     assert not np.array_equal(stream(0, other_seed).tokens, a.tokens)
 
 
+MSUM = synthetic.parse("synthetic:msum:hops=5,modulus=3,items=6,block=64,filler=random,seed=3")
+MSUM_QUERIES = np.arange(90, 95)
+
+
+def msum_items(s: synthetic.Stream):
+    """(h, digits, answer, answer position) of every running-sum item, found from the markers alone; the
+    marker Q_h must name the number of digits."""
+    out = []
+    for pos in np.flatnonzero(np.isin(s.tokens, MSUM_QUERIES)):
+        start = pos - 1
+        while s.tokens[start] != START:
+            start -= 1
+        digits = [int(np.flatnonzero(t == ALPHABET)[0]) for t in s.tokens[start + 1:pos]]
+        assert s.tokens[pos] == MSUM_QUERIES[len(digits) - 1]
+        out.append((len(digits), digits, int(np.flatnonzero(s.tokens[pos + 1] == ALPHABET)[0]), pos + 1))
+    return out
+
+
+def test_running_sum_items_are_solved_by_brute_force_and_labelled():
+    s = synthetic.generate(MSUM, 0, 300, None, 128, ALPHABET[:3], START, MSUM_QUERIES)
+    found = msum_items(s)
+    assert len(found) == 300 * MSUM.items
+    for h, digits, answer, pos in found:
+        assert 1 <= h <= MSUM.hops and all(0 <= d < 3 for d in digits)
+        total = 0
+        for d in digits:  # the running sum, one term at a time
+            total = (total + d) % 3
+        assert answer == total and s.difficulty[pos] == h
+        assert (pos - h - 2) // MSUM.block == pos // MSUM.block  # the item lies inside one block
+    assert sorted(np.flatnonzero(s.difficulty).tolist()) == [pos for *_, pos in found]
+    counts = np.bincount(s.difficulty, minlength=MSUM.hops + 1)[1:]
+    assert counts.min() == counts.max() == 300 * MSUM.items // MSUM.hops  # items cycle through h
+    # answers are near uniform over the residues (no shortcut by frequency)
+    answers = np.bincount([a for *_, a, _ in found], minlength=3) / len(found)
+    assert np.abs(answers - 1 / 3).max() < 0.03
+    assert np.array_equal(s.tokens, synthetic.generate(MSUM, 0, 300, None, 128, ALPHABET[:3], START,
+                                                       MSUM_QUERIES).tokens)
+
+
+def test_running_sum_by_hand():
+    rng = np.random.default_rng(0)
+    for h in range(1, 6):
+        x, a = synthetic.make_sum_item(rng, h, 2)
+        assert len(x) == h and a == int(x.sum()) % 2
+    spec = synthetic.parse("synthetic:msum:hops=6,modulus=2,items=10")
+    assert spec.item_tokens == 9 and spec.symbols == 2 and spec.item_length(1) == 4
+
+
 @pytest.mark.parametrize("source", ["synthetic:nope", "synthetic:phop:hops=9", "synthetic:phop:items=20",
+                                    "synthetic:msum:modulus=1", "synthetic:msum:hops=8,items=20,block=128",
                                     "synthetic:phop:length=x", "synthetic:phop:colour=red",
                                     "synthetic:phop:filler=noise"])
 def test_bad_sources_fail_in_one_line(source):

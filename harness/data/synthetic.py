@@ -1,10 +1,11 @@
 """Synthetic sources with known per-token difficulty: the depth probe (docs/design.md, "Depth probe").
 
 Source string (``DataConfig.source``)
-    ``synthetic:phop`` or ``synthetic:phop:KEY=VALUE,KEY=VALUE,...`` with the keys (defaults in brackets)
-    ``hops`` H [3], ``length`` L [12], ``alphabet`` A [8], ``items`` per block [3], ``block`` tokens [128],
-    ``filler`` ``text`` | ``random`` [text], ``seed`` [0], ``tokens`` of training stream [0 = one pass of
-    the filler text, at most 2,000,000].
+    ``synthetic:FAMILY`` or ``synthetic:FAMILY:KEY=VALUE,KEY=VALUE,...`` with FAMILY ``phop`` or ``msum`` and
+    the keys (defaults in brackets) ``hops`` H [3] (the deepest difficulty: hops for phop, terms for msum),
+    ``length`` L [12] and ``alphabet`` A [8] (phop), ``modulus`` m [2] (msum), ``items`` per block [3],
+    ``block`` tokens [128], ``filler`` ``text`` | ``random`` [text], ``seed`` [0], ``tokens`` of training
+    stream [0 = one pass of the filler text, at most 2,000,000].
 
 p-hop induction (Sanford, Hsu, Telgarsky 2024)
     For a sequence x_1..x_L let find(i) = 1 + the largest j < i with x_j = x_i (0 if none), hop_1(i) =
@@ -16,13 +17,25 @@ p-hop induction (Sanford, Hsu, Telgarsky 2024)
     hop moves), redrawn until find^h(L) > 0 (the answer lies inside the item); S is the start marker and
     Q_h the query marker for h hops. Items cycle through h = 1..H, so every h is equally frequent.
 
+Running modular sum (``msum``: parity at m = 2, the task of ACT, Graves 2016, and PonderNet, Banino et
+    al. 2021, written out as items)
+    An item is the ``h + 3`` tokens
+
+        S  x_1 ... x_h  Q_h  a        with a = (x_1 + ... + x_h) mod m, h in 1..H
+
+    with x drawn uniformly over the m digits (the first m alphabet tokens) and Q = Q_h, the query marker of
+    phop, so that the item names its own difficulty as a p-hop item does.
+    h = 1 is a copy of the token two back; each further term adds one more operand that the answer depends
+    on, so a model that adds the terms one after another needs one more sequential step per term.
+
 Tokens
     The corpus keeps the embedded corpus's byte-level BPE (``data.tokenizer = bpe``). The alphabet and
     the markers are single-byte tokens of bytes that never occur in UTF-8 text or in the corpus: the
     alphabet is bytes 0xF5..0xFF then 0xC0, 0xC1 (A <= 13), S is byte 0x02 and Q_h is byte 0x10 + h (H <= 8).
 
 Stream
-    A sequence of blocks of ``block`` tokens. Each block holds ``items`` items; the rest is filler, cut
+    A sequence of blocks of ``block`` tokens. Each block holds ``items`` items (of either family); the rest
+    is filler, cut
     at random points between the items: consecutive tokens of the embedded corpus's own split (training
     blocks take the training split, validation blocks the validation split; ``filler = text``) or tokens
     drawn uniformly from the vocabulary without the reserved ones (``filler = random``). An item never
@@ -50,7 +63,7 @@ import numpy as np
 from harness.core.errors import DataError
 
 PREFIX = "synthetic:"
-FAMILIES = ("phop",)
+FAMILIES = ("phop", "msum")
 ALPHABET_BYTES = tuple(range(0xF5, 0x100)) + (0xC0, 0xC1)
 START_BYTE = 0x02
 QUERY_BYTE = 0x10            # Q_h is byte 0x10 + h
@@ -65,18 +78,36 @@ class SyntheticSpec:
     hops: int = 3
     length: int = 12
     alphabet: int = 8
+    modulus: int = 2
     items: int = 3
     block: int = 128
     filler: str = "text"
     seed: int = 0
     tokens: int = 0
 
+    def item_length(self, h: int) -> int:
+        """Tokens of an item of difficulty h (markers and answer included)."""
+        return self.length + 3 if self.family == "phop" else h + 3
+
     @property
     def item_tokens(self) -> int:
-        return self.length + 3
+        """Tokens of the longest item."""
+        return self.item_length(self.hops)
+
+    @property
+    def block_item_tokens(self) -> int:
+        """The most item tokens one block holds: its ``items`` consecutive items, which cycle through h."""
+        return max(sum(self.item_length((start + i) % self.hops + 1) for i in range(self.items))
+                   for start in range(self.hops))
+
+    @property
+    def symbols(self) -> int:
+        """Alphabet tokens the family uses."""
+        return self.alphabet if self.family == "phop" else self.modulus
 
     def label(self) -> str:
-        return (f"synthetic:{self.family}(H={self.hops},L={self.length},A={self.alphabet},items={self.items},"
+        shape = f"L={self.length},A={self.alphabet}" if self.family == "phop" else f"m={self.modulus}"
+        return (f"synthetic:{self.family}(H={self.hops},{shape},items={self.items},"
                 f"block={self.block},filler={self.filler},seed={self.seed})")
 
 
@@ -87,7 +118,7 @@ def is_synthetic(source: str) -> bool:
 def parse(source: str) -> SyntheticSpec:
     """The spec of a ``synthetic:`` source string; a bad string raises a one-line DataError."""
     usage = ("use 'synthetic:phop' or 'synthetic:phop:hops=3,length=12,alphabet=8,items=3,block=128,"
-             "filler=text|random,seed=0'")
+             "filler=text|random,seed=0', or 'synthetic:msum:hops=6,modulus=2,items=6'")
     parts = source.strip()[len(PREFIX):].split(":", 1)
     family = parts[0].strip()
     if family not in FAMILIES:
@@ -113,10 +144,13 @@ def parse(source: str) -> SyntheticSpec:
         problems.append(f"hops must be in 1..{MAX_HOPS}")
     if not 2 <= spec.alphabet <= len(ALPHABET_BYTES):
         problems.append(f"alphabet must be in 2..{len(ALPHABET_BYTES)}")
-    if spec.length < spec.hops + 1:
+    if not 2 <= spec.modulus <= len(ALPHABET_BYTES):
+        problems.append(f"modulus must be in 2..{len(ALPHABET_BYTES)}")
+    if spec.family == "phop" and spec.length < spec.hops + 1:
         problems.append("length must be at least hops + 1")
-    if spec.items < 1 or spec.items * spec.item_tokens > spec.block:
-        problems.append(f"items x (length + 3) = {spec.items * spec.item_tokens} must be in 1..block = {spec.block}")
+    if spec.items < 1 or spec.block_item_tokens > spec.block:
+        problems.append(f"the items of a block take up to {spec.block_item_tokens} tokens; at least 1 item and at "
+                        f"most block = {spec.block} tokens (fewer items, or a larger block)")
     if spec.filler not in ("text", "random"):
         problems.append("filler must be 'text' or 'random'")
     if spec.seed < 0 or spec.tokens < 0:
@@ -172,6 +206,24 @@ def make_item(rng: np.random.Generator, h: int, length: int, alphabet: int) -> t
             return x, ans
 
 
+def make_sum_item(rng: np.random.Generator, h: int, modulus: int) -> tuple[np.ndarray, int]:
+    """Digits x_1..x_h (0-based) and their sum mod ``modulus``."""
+    x = rng.integers(0, modulus, size=h)
+    return x, int(x.sum() % modulus)
+
+
+def make_item_tokens(spec: SyntheticSpec, rng: np.random.Generator, h: int, alphabet_ids: np.ndarray, start_id: int,
+                query_ids: np.ndarray) -> np.ndarray:
+    """The tokens of one item of difficulty h; its last token is the answer."""
+    if spec.family == "phop":
+        x, ans = make_item(rng, h, spec.length, spec.alphabet)
+        query = query_ids[h - 1]
+    else:
+        x, ans = make_sum_item(rng, h, spec.modulus)
+        query = query_ids[h - 1]
+    return np.concatenate([[start_id], alphabet_ids[x], [query, alphabet_ids[ans]]])
+
+
 @dataclass
 class Stream:
     tokens: np.ndarray       # token ids
@@ -189,7 +241,7 @@ def reserved_ids(tokenizer, spec: SyntheticSpec) -> tuple[np.ndarray, int, np.nd
                             "synthetic sources need the byte-level BPE (data.tokenizer = bpe)")
         return int(i)
 
-    alphabet = np.array([tid(b) for b in ALPHABET_BYTES[:spec.alphabet]], dtype=np.int64)
+    alphabet = np.array([tid(b) for b in ALPHABET_BYTES[:spec.symbols]], dtype=np.int64)
     queries = np.array([tid(QUERY_BYTE + h) for h in range(1, spec.hops + 1)], dtype=np.int64)
     return alphabet, tid(START_BYTE), queries
 
@@ -212,8 +264,7 @@ def generate(spec: SyntheticSpec, part: int, n_blocks: int, filler: np.ndarray |
     """``n_blocks`` blocks of the stream ``part`` (0 training, 1 validation); ``filler`` is the text to
     cut filler from (None: random tokens)."""
     rng = np.random.default_rng([_SALT, spec.seed, part])
-    B, k, n_item = spec.block, spec.items, spec.item_tokens
-    n_fill = B - k * n_item
+    B, k = spec.block, spec.items
     tokens = np.empty(n_blocks * B, dtype=np.int64)
     diff = np.zeros(n_blocks * B, dtype=np.int8)
     if filler is None:
@@ -222,6 +273,8 @@ def generate(spec: SyntheticSpec, part: int, n_blocks: int, filler: np.ndarray |
         pool = np.flatnonzero(~reserved)
     pos_filler, item_no, out = 0, 0, 0
     for _ in range(n_blocks):
+        hs = [(item_no + i) % spec.hops + 1 for i in range(k)]  # items cycle through h = 1..H
+        n_fill = B - sum(spec.item_length(h) for h in hs)
         cuts = np.sort(rng.integers(0, n_fill + 1, size=k))
         gaps = np.diff(np.concatenate([[0], cuts, [n_fill]]))
         for g, gap in enumerate(gaps):
@@ -235,15 +288,12 @@ def generate(spec: SyntheticSpec, part: int, n_blocks: int, filler: np.ndarray |
                 out += gap
             if g == k:
                 break
-            h = item_no % spec.hops + 1
+            h = hs[g]
             item_no += 1
-            x, ans = make_item(rng, h, spec.length, spec.alphabet)
-            tokens[out] = start_id
-            tokens[out + 1:out + 1 + spec.length] = alphabet_ids[x]
-            tokens[out + 1 + spec.length] = query_ids[h - 1]
-            tokens[out + 2 + spec.length] = alphabet_ids[ans]
-            diff[out + 2 + spec.length] = h
-            out += n_item
+            item = make_item_tokens(spec, rng, h, alphabet_ids, start_id, query_ids)
+            tokens[out:out + len(item)] = item
+            diff[out + len(item) - 1] = h
+            out += len(item)
     return Stream(tokens, diff)
 
 
@@ -262,7 +312,7 @@ def build(source: str, train_text: np.ndarray, val_text: np.ndarray, tokenizer) 
     spec = parse(source)
     alphabet_ids, start_id, query_ids = reserved_ids(tokenizer, spec)
     reserved = np.concatenate([alphabet_ids, query_ids, [start_id]])
-    n_fill = spec.block - spec.items * spec.item_tokens
+    n_fill = spec.block - spec.block_item_tokens  # the fewest filler tokens a block holds
     streams = {}
     for part, text in ((0, train_text), (1, val_text)):
         filler = np.asarray(text, dtype=np.int64) if spec.filler == "text" else None

@@ -14,9 +14,12 @@ import hashlib
 
 # Okabe-Ito, fixed per in-tree method so that PonderLM-3 is vermillion in every figure of every study
 _FIXED = {"vanilla": "#000000", "ponderlm3": "#D55E00", "ponderlm2": "#0072B2", "looped": "#009E73",
-          "pause": "#CC79A7", "pondering": "#E69F00", "mor": "#56B4E9", "adaponder": "#882255"}
-# Paul Tol's muted scheme (pale grey left out) for methods from plugins, by a stable hash of the name
-_OTHERS = ("#332288", "#117733", "#44AA99", "#999933", "#AA4499", "#CC6677", "#DDCC77", "#88CCEE")
+          "pause": "#CC79A7", "pondering": "#E69F00", "mor": "#56B4E9", "adaponder": "#882255",
+          # the later baselines take Paul Tol's muted colours, one each, so that no two in-tree methods share one
+          "recurrent_depth": "#332288", "recurrent_depth_adaptive": "#44AA99", "cotformer": "#999933",
+          "cotformer_adaptive": "#AA4499", "mod": "#CC6677"}
+# for methods from plugins, by a stable hash of the name: Tol's muted colours _FIXED leaves, and three of his others
+_OTHERS = ("#117733", "#DDCC77", "#88CCEE", "#661100", "#6699CC", "#888888")  # none of _FIXED's
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<")
 LINE_STYLES = ("-", "--", ":", "-.")
 
