@@ -443,14 +443,18 @@ def plot_figure(runs: Runs, spec: PlotSpec) -> Any:
 # learning curves and the preconditions along training
 
 
-def _band(ax, xs: list[float], intervals: list[stats.Interval], colour, style: str, label: str) -> None:
-    """A mean line with its 95% band (where the seeds give one)."""
+def _band(ax, xs: list[float], intervals: list[stats.Interval], colour, style: str, label: str,
+          bounds: tuple[float, float] | None = None) -> None:
+    """A mean line with its 95% band (where the seeds give one); ``bounds`` clips the band to a quantity's
+    range (an accuracy's t interval can reach past 1, where nothing lies)."""
     means = [iv.mean for iv in intervals]
     ax.plot(xs, means, color=colour, linestyle=style, linewidth=1.5, label=label)
     shown = [(x, iv) for x, iv in zip(xs, intervals) if iv.n >= 2]
     if shown:
-        ax.fill_between([x for x, _ in shown], [iv.low for _, iv in shown], [iv.high for _, iv in shown],
-                        color=colour, alpha=0.18, linewidth=0)
+        low, high = [iv.low for _, iv in shown], [iv.high for _, iv in shown]
+        if bounds is not None:
+            low, high = [max(v, bounds[0]) for v in low], [min(v, bounds[1]) for v in high]
+        ax.fill_between([x for x, _ in shown], low, high, color=colour, alpha=0.12, linewidth=0)
 
 
 def _arm_curve(arm: Arm, x_key: str) -> tuple[list[float], list[stats.Interval]]:
@@ -570,16 +574,25 @@ def plot_depth_probe(runs: Runs) -> Any:
                   key=lambda a: (a.method, a.variant, _size_rank(a.size)))
     if not arms:
         raise ReportError(f"no finished job in {runs.folder} has metrics by difficulty (a synthetic: source)")
-    fig, axes = plt.subplots(1, 3, figsize=(19, 5.5), squeeze=False)
+    legend_rows = math.ceil(len(arms) / 3)
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.0 + 0.22 * legend_rows), squeeze=False)
     acc_ax, steps_ax, flops_ax = axes[0]
     styles: dict[str, dict[str, str]] = {}
-    for arm in arms:
+    offsets = [0.24 * (i / (len(arms) - 1) - 0.5) if len(arms) > 1 else 0.0 for i in range(len(arms))]
+    for arm, offset in zip(arms, offsets):
         within = styles.setdefault(arm.method, {})
         style = within.setdefault(f"{arm.variant}@{arm.size}", LINE_STYLES[len(within) % len(LINE_STYLES)])
         colour, label = method_colour(arm.method), _arm_label(arm)
         hs, intervals = _by_h(arm, "accuracy")
         if hs:
-            _band(acc_ax, hs, intervals, colour, style, f"{label} (n={intervals[-1].n})")
+            _band(acc_ax, hs, intervals, colour, style, f"{label} (n={intervals[-1].n})", bounds=(0.0, 1.0))
+            # every seed as a dot, set a little apart per arm: these tasks are learned in jumps whose timing
+            # varies by seed, and a mean of 0.3 and 1.0 is neither
+            for run in arm.runs:
+                table = run.get("difficulty") or {}
+                seen = [(h, table[str(h)]["accuracy"]) for h in hs if "accuracy" in table.get(str(h), {})]
+                acc_ax.scatter([h + offset for h, _ in seen], [a for _, a in seen], s=16, color=colour, alpha=0.7,
+                               linewidths=0)
         if any("mean_steps" in row for r in arm.runs for row in (r.get("difficulty") or {}).values()):
             zero = [r["difficulty"]["0"]["mean_steps"] for r in arm.runs
                     if "mean_steps" in (r.get("difficulty") or {}).get("0", {})]
@@ -591,27 +604,42 @@ def plot_depth_probe(runs: Runs) -> Any:
         accuracy, flops = stats.t_interval(arm.values("deepest_h_accuracy")), arm.values("infer_flops_per_token")
         if accuracy.n and flops:
             flops_iv = stats.t_interval(flops)
+            if accuracy.n >= 2:  # the seeds themselves, behind their mean
+                paired = [(r["infer_flops_per_token"], r["deepest_h_accuracy"]) for r in arm.runs
+                          if isinstance(r.get("deepest_h_accuracy"), (int, float))
+                          and isinstance(r.get("infer_flops_per_token"), (int, float))]
+                flops_ax.scatter([f for f, _ in paired], [a for _, a in paired], s=16, color=colour, alpha=0.6,
+                                 linewidths=0)
             flops_ax.errorbar([flops_iv.mean], [accuracy.mean],
                               yerr=[[accuracy.half_width if accuracy.n >= 2 else 0.0]] * 2,
                               xerr=[[flops_iv.half_width if flops_iv.n >= 2 else 0.0]] * 2,
                               fmt=MARKERS[_size_rank(arm.size) % len(MARKERS)], color=colour, capsize=3,
                               label=label)
-    acc_ax.set_xlabel("hops h")
+    levels = sorted({int(h) for a in arms for r in a.runs for h in (r.get("difficulty") or {})})
+    acc_ax.set_xlabel("difficulty h (hops or terms)")
+    acc_ax.set_xticks([h for h in levels if h > 0])
+    acc_ax.set_ylim(0.0, 1.03)
     acc_ax.set_ylabel("accuracy (greedy next token = answer)")
-    acc_ax.set_title("Accuracy by difficulty: mean over seeds, band: 95% t")
-    steps_ax.set_xlabel("hops h (0 = filler)")
+    acc_ax.set_title("Accuracy by difficulty: mean, 95% t band, dots: seeds")
+    steps_ax.set_xlabel("difficulty h (0 = every other token)")
+    steps_ax.set_xticks(levels)
     steps_ax.set_ylabel("mean deployed extra steps")
     steps_ax.set_title("Where the adaptive methods spend steps")
+    if not steps_ax.lines:
+        steps_ax.text(0.5, 0.5, "no method of this study reports steps", ha="center", va="center",
+                      transform=steps_ax.transAxes, color="0.4")
     flops_ax.set_xscale("log")
+    flops_ax.set_ylim(0.0, 1.03)
     flops_ax.set_xlabel("measured inference FLOPs per token")
     flops_ax.set_ylabel("accuracy at the deepest h")
-    flops_ax.set_title("Deepest-h accuracy against inference FLOPs")
+    flops_ax.set_title("Deepest-h accuracy against inference FLOPs (dots: seeds)")
     for ax in axes[0]:
         ax.grid(True, alpha=0.3)
-    acc_ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False, ncol=2)
-    if steps_ax.lines:
-        steps_ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
-    fig.tight_layout()
+    # one key for all three panels (an arm has one colour and line style everywhere), below them
+    handles, labels = acc_ax.get_legend_handles_labels()
+    bottom = (0.22 * legend_rows + 0.3) / (5.0 + 0.22 * legend_rows)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig
 
 
