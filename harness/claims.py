@@ -504,7 +504,7 @@ def claim_c5(arms: list[Arm]) -> Verdict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# the depth probe (synthetic sources with known difficulty: harness.data.synthetic): D1-D3
+# the depth probe (synthetic sources with known difficulty: harness.data.synthetic): D0-D3
 
 
 D0_SOLVED = 0.8   # D0: vanilla "solves" h = 1 when its accuracy interval lies above this
@@ -811,7 +811,7 @@ def markdown(arms: list[Arm], verdicts: list[Verdict], title: str, preconditions
             out += [f"*Test:* {v.decision}.", ""]
         out += v.evidence
     if probe:
-        out += ["", "## Depth probe", "", "Accuracy (greedy next token = the answer) by number of hops h, mean over "
+        out += ["", "## Depth probe", "", "Accuracy (greedy next token = the answer) by difficulty h, mean over "
                 "seeds:", "", *probe_lines(arms)]
         for v in probe:
             premises = PREMISES.get(v.claim)
