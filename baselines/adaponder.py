@@ -378,8 +378,7 @@ class AdaPonder(LanguageModel):
         for i in range(1, cfg.max_iterations + 1):
             running = (d >= i) & real
             queries = float(running.sum())
-            total += cfg.n_layers * compute.block_flops(
-                dec.block_matmul_params, dec.layers[0].attn_width, queries, float((seen * running).sum()))
+            total += dec.layers_flops(cfg.n_layers, queries, float((seen * running).sum()))
             total += compute.head_flops(cfg.d_model, cfg.vocab_size, queries)
             if i < cfg.max_iterations:
                 total += queries * self.gate_flops()

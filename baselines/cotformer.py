@@ -358,10 +358,6 @@ class CoTFormer(LanguageModel):
 
     # -- compute ------------------------------------------------------------------------------
 
-    def _stack_flops(self, n_layers: int, queries: float, key_pairs: float) -> float:
-        dec = self.decoder
-        return n_layers * compute.block_flops(dec.block_matmul_params, dec.layers[0].attn_width, queries, key_pairs)
-
     def _router_flops(self, depths: torch.Tensor) -> float:
         return 0.0
 
@@ -373,14 +369,13 @@ class CoTFormer(LanguageModel):
         c = self.config
         d = depths.reshape(-1, depths.shape[-1])
         real = d > 0
-        n_real = float(real.sum())
-        causal = float((real.long().cumsum(1) * real).sum())
-        total = self._stack_flops(c.prefix_layers + c.suffix_layers, n_real, causal)
+        n_real, causal = compute.active_key_pairs(real)
+        total = self.decoder.layers_flops(c.prefix_layers + c.suffix_layers, n_real, causal)
         seen = [(d >= r).long().cumsum(1) for r in range(1, c.repeats + 1)]  # repeat-r keys at or before each token
         for r in range(1, c.repeats + 1):
             active = d >= r
             pairs = sum(float((seen[q] * active).sum()) for q in range(r))
-            total += self._stack_flops(c.chain_layers, float(active.sum()), pairs)
+            total += self.decoder.layers_flops(c.chain_layers, float(active.sum()), pairs)
         return total + self._router_flops(d) + compute.head_flops(c.d_model, c.vocab_size, n_real)
 
     def analytic_flops_per_token(self, seq_len: int, training: bool = False) -> float:
@@ -501,8 +496,8 @@ class AdaptiveCoTFormer(CoTFormer):
         if not training or c.repeats == 1:
             return super().analytic_flops_per_token(seq_len)
         queries, pairs, routed = expected_training_counts(c.repeats, t)
-        total = self._stack_flops(c.prefix_layers + c.suffix_layers, t, compute.causal_key_pairs(t))
-        total += self._stack_flops(c.chain_layers, queries, pairs)
+        total = self.decoder.layers_flops(c.prefix_layers + c.suffix_layers, t, compute.causal_key_pairs(t))
+        total += self.decoder.layers_flops(c.chain_layers, queries, pairs)
         total += 2.0 * c.d_model * routed + compute.head_flops(c.d_model, c.vocab_size, t)
         return total / t
 

@@ -324,14 +324,9 @@ class MixtureOfDepths(LanguageModel):
         blocks ``participation`` [B, T, U] marks (module docstring, "Compute")."""
         cfg, dec = self.config, self.decoder
         part = participation & real[..., None]
-
-        def tokens_and_pairs(active: torch.Tensor) -> tuple[float, float]:  # each sees the active at or before it
-            return float(active.sum()), float((active.long().cumsum(1) * active).sum())
-
-        n_real, pairs = tokens_and_pairs(real)
-        block = dec.block_matmul_params, dec.layers[0].attn_width
-        total = (cfg.n_layers - len(self.routed)) * compute.block_flops(*block, n_real, pairs)
-        total += sum(compute.block_flops(*block, *tokens_and_pairs(part[..., u])) for u in range(len(self.routed)))
+        n_real, pairs = compute.active_key_pairs(real)  # each participant sees the participants at or before it
+        total = dec.layers_flops(cfg.n_layers - len(self.routed), n_real, pairs)
+        total += sum(dec.layers_flops(1, *compute.active_key_pairs(part[..., u])) for u in range(len(self.routed)))
         if len(self.predictors):  # the predictor decides on every real token, the router weighs the chosen
             total += len(self.routed) * n_real * self._predictor_flops + 2.0 * cfg.d_model * float(part.sum())
         else:
@@ -355,8 +350,7 @@ class MixtureOfDepths(LanguageModel):
             everything = torch.ones(1, t, len(self.routed), dtype=torch.bool)
             return self.flops_for_participation(everything, torch.ones(1, t, dtype=torch.bool)) / t
         dec, k, u = self.decoder, cfg.tokens_per_block(t), len(self.routed)
-        block = dec.block_matmul_params, dec.layers[0].attn_width
-        total = (cfg.n_layers - u) * compute.block_flops(*block, t, compute.causal_key_pairs(t))
-        total += u * compute.block_flops(*block, k, compute.causal_key_pairs(k))
+        total = dec.layers_flops(cfg.n_layers - u, t, compute.causal_key_pairs(t))
+        total += dec.layers_flops(u, k, compute.causal_key_pairs(k))
         total += u * t * (2.0 * cfg.d_model + (self._predictor_flops if len(self.predictors) else 0.0))
         return (total + compute.head_flops(cfg.d_model, cfg.vocab_size, t)) / t

@@ -582,11 +582,6 @@ class MixtureOfRecursions(LanguageModel):
 
     # -- compute ------------------------------------------------------------------------------
 
-    def _stack_flops(self, n_layers: int, queries: float, key_pairs: float, matmul_params: int | None = None) -> float:
-        dec = self.decoder
-        params = dec.block_matmul_params if matmul_params is None else matmul_params
-        return n_layers * compute.block_flops(params, dec.layers[0].attn_width, queries, key_pairs)
-
     def _router_flops(self, candidates: list[float]) -> float:
         """Router matmuls given recursion r's candidate count (r = 1..R): expert 2d each, token 2dR at r = 1."""
         cfg = self.config
@@ -605,20 +600,16 @@ class MixtureOfRecursions(LanguageModel):
         cfg = self.config
         d = depths.reshape(-1, depths.shape[-1])
         real = d > 0
-
-        def tokens_and_pairs(active: torch.Tensor) -> tuple[float, float]:
-            return float(active.sum()), float((active.long().cumsum(1) * active).sum())
-
-        n_real, pairs = tokens_and_pairs(real)
-        total = self._stack_flops(cfg.unshared_first + cfg.unshared_last, n_real, pairs)
-        total += self._stack_flops(cfg.n_shared, n_real, pairs)  # recursion 1: every real token
+        n_real, pairs = compute.active_key_pairs(real)
+        total = self.decoder.layers_flops(cfg.unshared_first + cfg.unshared_last, n_real, pairs)
+        total += self.decoder.layers_flops(cfg.n_shared, n_real, pairs)  # recursion 1: every real token
         seen = real.long().cumsum(1)  # KV sharing: real tokens at or before each position (recursion 1's keys)
         for r in range(2, cfg.recursions + 1):
             active = d >= r
-            queries, key_pairs = tokens_and_pairs(active)
+            queries, key_pairs = compute.active_key_pairs(active)
             if cfg.kv_sharing:
                 key_pairs = float((seen * active).sum())
-            total += self._stack_flops(cfg.n_shared, queries, key_pairs, self._recursion_matmul_params)
+            total += self.decoder.layers_flops(cfg.n_shared, queries, key_pairs, self._recursion_matmul_params)
         total += self._router_flops([float((real & (d >= r - 1)).sum()) for r in range(1, cfg.recursions + 1)])
         return total + compute.head_flops(cfg.d_model, cfg.vocab_size, n_real)
 
@@ -632,7 +623,7 @@ class MixtureOfRecursions(LanguageModel):
         cfg, t = self.config, seq_len
         if not training:
             return self.analytic_flops_for_depths(torch.full((1, t), cfg.recursions)) / t
-        total = self._stack_flops(cfg.unshared_first + cfg.unshared_last, t, compute.causal_key_pairs(t))
+        total = self.decoder.layers_flops(cfg.unshared_first + cfg.unshared_last, t, compute.causal_key_pairs(t))
         total += compute.head_flops(cfg.d_model, cfg.vocab_size, t)
         if cfg.routing == "expert":
             active = [float(cfg.tokens_at(r, t)) for r in range(1, cfg.recursions + 1)]
@@ -640,10 +631,10 @@ class MixtureOfRecursions(LanguageModel):
             active = [t * (cfg.recursions - r + 1) / cfg.recursions for r in range(1, cfg.recursions + 1)]
         for r, a in enumerate(active, start=1):
             if r == 1:
-                total += self._stack_flops(cfg.n_shared, a, a * (a + 1) / 2)
+                total += self.decoder.layers_flops(cfg.n_shared, a, a * (a + 1) / 2)
             elif cfg.kv_sharing:  # chosen tokens spread evenly: (T+1)/2 of recursion 1's keys each
-                total += self._stack_flops(cfg.n_shared, a, a * (t + 1) / 2, self._recursion_matmul_params)
+                total += self.decoder.layers_flops(cfg.n_shared, a, a * (t + 1) / 2, self._recursion_matmul_params)
             else:
-                total += self._stack_flops(cfg.n_shared, a, a * (a + 1) / 2, self._recursion_matmul_params)
+                total += self.decoder.layers_flops(cfg.n_shared, a, a * (a + 1) / 2, self._recursion_matmul_params)
         total += self._router_flops([float(t), *active[:-1]])
         return total / t

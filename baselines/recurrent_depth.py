@@ -343,10 +343,6 @@ class RecurrentDepth(LanguageModel):
 
     # -- compute -------------------------------------------------------------------------------
 
-    def _layers_flops(self, n_layers: int, queries: float, key_pairs: float) -> float:
-        dec = self.decoder
-        return n_layers * compute.block_flops(dec.block_matmul_params, dec.layers[0].attn_width, queries, key_pairs)
-
     def coda_every_iteration(self) -> bool:
         """Whether the coda and head run after every iteration (the KL exit check); here, once per token."""
         return False
@@ -364,10 +360,11 @@ class RecurrentDepth(LanguageModel):
         seen = real.cumsum(1).to(torch.float64) * real  # keys each real token's query sees
         tokens, pairs = float(real.sum()), float(seen.sum())
         iterations, iteration_pairs = float(d.sum()), float((d * seen).sum())
-        total = self._layers_flops(cfg.prelude_layers, tokens, pairs)
-        total += self._layers_flops(cfg.core_layers, iterations, iteration_pairs) + iterations * self.adapter_flops()
+        dec = self.decoder
+        total = dec.layers_flops(cfg.prelude_layers, tokens, pairs)
+        total += dec.layers_flops(cfg.core_layers, iterations, iteration_pairs) + iterations * self.adapter_flops()
         readouts, readout_pairs = (iterations, iteration_pairs) if self.coda_every_iteration() else (tokens, pairs)
-        total += self._layers_flops(cfg.coda_layers, readouts, readout_pairs)
+        total += dec.layers_flops(cfg.coda_layers, readouts, readout_pairs)
         return total + compute.head_flops(cfg.d_model, cfg.vocab_size, readouts)
 
     def decode_flops(self, steps: torch.Tensor | None, valid: torch.Tensor | None = None,
@@ -394,9 +391,9 @@ class RecurrentDepth(LanguageModel):
         """Forward FLOPs of one training sequence: (prelude + coda + head, one iteration)."""
         cfg, t = self.config, seq_len
         pairs = compute.causal_key_pairs(t)
-        outer = self._layers_flops(cfg.prelude_layers + cfg.coda_layers, t, pairs)
+        outer = self.decoder.layers_flops(cfg.prelude_layers + cfg.coda_layers, t, pairs)
         outer += compute.head_flops(cfg.d_model, cfg.vocab_size, t)
-        return outer, self._layers_flops(cfg.core_layers, t, pairs) + t * self.adapter_flops()
+        return outer, self.decoder.layers_flops(cfg.core_layers, t, pairs) + t * self.adapter_flops()
 
 
 @functools.cache

@@ -857,14 +857,20 @@ class Decoder(nn.Module):
     def block_matmul_params(self) -> int:
         return self.layers[0].matmul_params
 
+    def layers_flops(self, n_layers: float, queries: float, key_pairs: float,
+                     matmul_params: int | None = None) -> float:
+        """FLOPs of ``n_layers`` blocks over ``queries`` positions that see ``key_pairs`` keys in total
+        (``matmul_params``: a block whose weights differ from the backbone's, e.g. an attention per recursion)."""
+        params = self.block_matmul_params if matmul_params is None else matmul_params
+        return n_layers * compute.block_flops(params, self.cfg.n_heads * self.cfg.head_dim, queries, key_pairs)
+
     def analytic_forward_flops(self, block_queries: float, key_pairs: float, head_positions: float,
                                n_block_passes: float = 1.0) -> float:
         """FLOPs of ``n_block_passes`` passes of the L-block stack plus the head.
 
         See docs/design.md, "Compute accounting".
         """
-        per_stack = self.cfg.n_layers * compute.block_flops(
-            self.block_matmul_params, self.cfg.n_heads * self.cfg.head_dim, block_queries, key_pairs)
+        per_stack = self.layers_flops(self.cfg.n_layers, block_queries, key_pairs)
         return n_block_passes * per_stack + compute.head_flops(self.cfg.d_model, self.cfg.vocab_size,
                                                                head_positions)
 

@@ -45,6 +45,12 @@ def causal_key_pairs(n_queries: int, n_past: int = 0) -> int:
     return n_queries * n_past + n_queries * (n_queries + 1) // 2
 
 
+def active_key_pairs(active: torch.Tensor) -> tuple[float, float]:
+    """Queries and query-key pairs when the tokens ``active`` [B, T] marks each see the active tokens of their
+    row at or before them (a routed layer's participants, a recursion's tokens, a row's real tokens)."""
+    return float(active.sum()), float((active.long().cumsum(-1) * active).sum())
+
+
 @dataclass
 class LedgerTotals:
     """What a ledger has counted so far (FLOPs are floats: budgets reach 1e20+)."""
@@ -176,7 +182,7 @@ def as_count(x: torch.Tensor | int | float) -> float:
 
 
 __all__ = [
-    "BACKWARD_MULTIPLIER", "ComputeLedger", "LedgerTotals", "active", "as_count", "block_flops",
+    "BACKWARD_MULTIPLIER", "ComputeLedger", "LedgerTotals", "active", "active_key_pairs", "as_count", "block_flops",
     "block_matmul_params", "causal_key_pairs", "head_flops", "measure", "record_block", "record_head", "record_matmul",
     "record_tokens", "unrecorded",
 ]
